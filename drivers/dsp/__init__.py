@@ -1,0 +1,1 @@
+"""Pure signal detectors (DSP). Streaming, numpy-only, no I/O."""

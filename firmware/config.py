@@ -1,0 +1,161 @@
+"""The appliance configuration: one TOML file, one typed schema.
+
+Unknown keys, wrong types and out-of-range values are rejected with one line that names
+the file, the key and what was expected. The file is parsed, never executed.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+DEFAULT_PATH = Path("/etc/edge-recorder/config.toml")
+
+# ISO 3166-1 alpha-2, optionally a subdivision ("US-CA").
+Jurisdiction = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2}(-[A-Z0-9]{1,3})?$")]
+Country = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2}$")]
+DeviceId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+LineId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")]
+AgeRecipient = Annotated[str, msgspec.Meta(pattern=r"^age1[02-9ac-hj-np-z]{58}$")]
+
+
+class ConfigError(Exception):
+    """A configuration file is unreadable or invalid (message is one line)."""
+
+
+class Storage(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    data_dir: str = "/var/lib/edge-recorder"
+    # Both default to paths under data_dir.
+    recordings_dir: str | None = None
+    catalogue: str | None = None
+    min_free_mb: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 200
+
+
+class Keys(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Ed25519 key that signs audit checkpoints; generated on first start when absent.
+    device_key: str | None = None
+    # age X25519 recipients (central store, optional escrow); the device never holds
+    # the matching identities.
+    recipients: Annotated[list[AgeRecipient], msgspec.Meta(min_length=1, max_length=8)]
+
+
+class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # A call longer than this continues in a new recording segment.
+    max_segment_s: Annotated[float, msgspec.Meta(ge=60, le=86_400)] = 3600.0
+    # No ring for this long while ringing -> the caller gave up (ring-no-answer).
+    ring_timeout_s: Annotated[float, msgspec.Meta(ge=4, le=30)] = 8.0
+    # Ring and off-hook this close together are glare: treated as an answered inbound call.
+    glare_window_s: Annotated[float, msgspec.Meta(ge=0, le=5)] = 1.0
+    # Audio buffered before it is sealed, written and fdatasync'ed; bounds what a power
+    # loss can take (<= 2 s required) against SD-card write amplification.
+    flush_interval_s: Annotated[float, msgspec.Meta(ge=0.2, le=2.0)] = 2.0
+    # Signed audit checkpoint period.
+    checkpoint_interval_s: Annotated[float, msgspec.Meta(ge=10, le=86_400)] = 300.0
+
+
+class Line(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    id: LineId
+    backend: str
+    country: Country | None = None  # defaults to the jurisdiction's country
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    device_id: DeviceId
+    site: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    jurisdiction: Jurisdiction
+    storage: Storage = msgspec.field(default_factory=Storage)
+    keys: Keys
+    limits: Limits = msgspec.field(default_factory=Limits)
+    lines: Annotated[list[Line], msgspec.Meta(min_length=1, max_length=8)]
+    # Where the file came from (relative paths in it are resolved against its folder).
+    source: str = ""
+
+    @property
+    def data_dir(self) -> Path:
+        return self._path(self.storage.data_dir)
+
+    @property
+    def recordings_dir(self) -> Path:
+        return self._path(self.storage.recordings_dir or str(self.data_dir / "recordings"))
+
+    @property
+    def catalogue_path(self) -> Path:
+        return self._path(self.storage.catalogue or str(self.data_dir / "catalogue.db"))
+
+    @property
+    def device_key_path(self) -> Path:
+        default = self.data_dir / "keys" / "device_ed25519.pem"
+        return self._path(self.keys.device_key or str(default))
+
+    def line_country(self, line: Line) -> str:
+        return line.country or self.jurisdiction[:2]
+
+    def _path(self, value: str) -> Path:
+        path = Path(value)
+        if not path.is_absolute() and self.source:
+            path = Path(self.source).parent / path
+        return path
+
+
+_PATH_RE = re.compile(r"`\$\.?([^`]*)`")
+
+
+def _key_of(message: str) -> tuple[str, str]:
+    """Split msgspec's "what - at `$.a.b[0]`" into (key, what)."""
+    match = _PATH_RE.search(message)
+    key = match.group(1) if match else ""
+    what = message.split(" - at ", maxsplit=1)[0] if " - at " in message else message
+    if what.startswith("Object contains unknown field"):
+        field = what.split("`")[1]
+        return (f"{key}.{field}" if key else field), "unknown key"
+    if what.startswith("Object missing required field"):
+        field = what.split("`")[1]
+        return (f"{key}.{field}" if key else field), "required key is missing"
+    return key or "(top level)", what[0].lower() + what[1:]
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    """Parse and validate TOML ``text``; errors name ``source``."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    raw["source"] = source
+    try:
+        config = msgspec.convert(raw, Config, strict=True)
+    except msgspec.ValidationError as exc:
+        key, what = _key_of(str(exc))
+        raise ConfigError(f"{source}: {key}: {what}") from None
+    _check_lines(config)
+    return config
+
+
+def _check_lines(config: Config) -> None:
+    from drivers.line import LineError
+    from drivers.registry import parse_options
+
+    seen: set[str] = set()
+    for index, line in enumerate(config.lines):
+        if line.id in seen:
+            raise ConfigError(f"{config.source}: lines[{index}].id: duplicate line id {line.id!r}")
+        seen.add(line.id)
+        try:
+            parse_options(line.backend, line.options)
+        except LineError as exc:
+            raise ConfigError(f"{config.source}: lines[{index}]: {exc}") from None
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate the config file at ``path``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    return parse_config(text, str(path))

@@ -1,0 +1,65 @@
+"""Crash-safe file writes for small state files (keys, manifests, markers).
+
+A new version of a file is written to ``<name>.part``, flushed to the device, renamed
+over the old one and the directory entry is flushed too, so after a power cut the path
+holds either the old or the new content, never a torn mix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PART_SUFFIX = ".part"
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a rename or a new file in it) to the device."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` atomically; the file gets exactly ``mode``.
+
+    The ``.part`` file is created with O_EXCL and at most ``mode`` (the umask can only
+    narrow it), then set to ``mode`` exactly, so a secret is never readable more widely
+    than asked, not even for a moment.
+    """
+    part = path.with_name(path.name + PART_SUFFIX)
+    part.unlink(missing_ok=True)  # a leftover from a crash; its mode is not ours
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(part, path)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    log.debug("wrote %s (%d bytes, mode %04o)", path, len(data), mode)
+
+
+def make_dirs(path: Path, mode: int = 0o755) -> None:
+    """Create ``path`` and missing parents; the ones created get exactly ``mode``.
+
+    Existing directories are left as they are. Each new entry is flushed to the device.
+    """
+    missing: list[Path] = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=mode, exist_ok=True)
+        os.chmod(directory, mode)
+        fsync_dir(directory.parent)

@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-APT_PKGS := python3-venv python3-dev gcc age sox espeak-ng multimon-ng minimodem mosquitto libasound2-dev
+APT_PKGS := python3-venv python3-dev gcc age sox espeak-ng multimon-ng minimodem mosquitto libasound2-dev systemd sqlite3 openssl
 
 .PHONY: demo test lint bench sysdeps venv clean
 

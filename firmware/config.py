@@ -131,8 +131,20 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     except msgspec.ValidationError as exc:
         key, what = _key_of(str(exc))
         raise ConfigError(f"{source}: {key}: {what}") from None
+    _check_recipients(config)
     _check_lines(config)
     return config
+
+
+def _check_recipients(config: Config) -> None:
+    from firmware.agecrypt import AgeError, Recipient
+
+    for index, text in enumerate(config.keys.recipients):
+        try:
+            Recipient.parse(text)
+        except AgeError as exc:
+            raise ConfigError(f"{config.source}: keys.recipients[{index}]: "
+                              f"not a valid age recipient ({exc})") from None
 
 
 def _check_lines(config: Config) -> None:

@@ -1,0 +1,191 @@
+"""Benchmarks of the appliance core. Run: `make bench` (or `.venv/bin/python bench/run.py`).
+
+1. CPU seconds per hour of recorded audio per line: engine + detectors + A-law +
+   encryption + fsync'ed writes + catalogue, fed from pre-rendered simulated line items
+   (synthesis is not counted). Target <= 1 % of one core per line.
+2. Peak RSS of `edge-recorder run` with 4 simulated lines. Target <= 60 MB.
+3. Bytes written to the block device per byte of recorded audio (write amplification),
+   from /sys/dev/block/<dev>/stat around a recording run, minus the same interval idle.
+   Target <= 2.6x.
+
+Prints a Markdown table and writes bench/out/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from drivers.clock import SystemClock  # noqa: E402
+from drivers.line import AudioFrame, LineClosed  # noqa: E402
+from drivers.registry import open_line  # noqa: E402
+from firmware.agecrypt import Identity  # noqa: E402
+from firmware.catalogue import Catalogue  # noqa: E402
+from firmware.daemon import default_detectors  # noqa: E402
+from firmware.engine import CallEngine  # noqa: E402
+from firmware.ids import Uuid7Factory  # noqa: E402
+from firmware.policy import PlaceholderPolicy  # noqa: E402
+from firmware.recorder import CallRecorder, RecorderSettings  # noqa: E402
+
+OUT = REPO / "bench" / "out"
+
+
+def scenario_text(call_minutes: float, calls: int, gap_s: float = 20.0) -> str:
+    """A line that is busy most of the time: alternating inbound and outbound calls."""
+    parts = ['country = "DE"\nseed = 11\ntail_s = 1.0\n']
+    for index in range(calls):
+        if index % 2:
+            parts.append(f'[[calls]]\ndirection = "outbound"\ngap_s = {gap_s}\n'
+                         f'dialed = "02219876{index:03d}"\ntalk_s = {call_minutes * 60}\n')
+        else:
+            parts.append(f'[[calls]]\ndirection = "inbound"\ngap_s = {gap_s}\n'
+                         f'caller = "08912345{index:03d}"\nrings = 2\n'
+                         f'talk_s = {call_minutes * 60}\n')
+    return "\n".join(parts)
+
+
+def render_items(scenario: Path) -> list[object]:
+    line = open_line("sim", "bench", {"scenario": str(scenario), "speed": 0.0},
+                     clock=SystemClock(), country="DE")
+    items: list[object] = []
+    with line:
+        try:
+            while True:
+                item = line.read(None)
+                if item is not None:
+                    items.append(item)
+        except LineClosed:
+            pass
+    return items
+
+
+def bench_cpu(work: Path, detectors: bool) -> dict[str, float]:
+    scenario = work / "cpu.toml"
+    scenario.write_text(scenario_text(call_minutes=5, calls=12))
+    items = render_items(scenario)
+    frames = sum(1 for i in items if isinstance(i, AudioFrame))
+    line_s = frames * 0.02
+    clock = SystemClock()
+    catalogue = Catalogue(work / f"cpu-{detectors}.db", clock=clock, device_id="bench")
+    ids = Uuid7Factory(clock)
+    recordings = work / f"rec-{detectors}"
+    recordings.mkdir()
+    settings = RecorderSettings(device_id="bench", jurisdiction="DE", recordings_dir=recordings,
+                                recipients=[Identity.generate().recipient])
+    recorder = CallRecorder(catalogue, PlaceholderPolicy(), settings, clock=clock, new_id=ids.new)
+    engine = CallEngine("bench", recorder, clock=clock, new_id=ids.new,
+                        detectors=default_detectors() if detectors else [])
+    start = time.process_time()
+    for item in items:
+        engine.feed(item)  # type: ignore[arg-type]
+    engine.shutdown()
+    cpu_s = time.process_time() - start
+    catalogue.close()
+    recorded_s = recorder_audio_s(work / f"cpu-{detectors}.db")
+    return {"line_s": line_s, "recorded_s": recorded_s, "cpu_s": cpu_s,
+            "cpu_s_per_line_hour": cpu_s / line_s * 3600,
+            "core_percent": cpu_s / line_s * 100}
+
+
+def recorder_audio_s(db: Path) -> float:
+    rows = Catalogue.read_only(db).recordings()
+    return sum(r.get("audio_s") or 0 for r in rows)
+
+
+def write_config(work: Path, lines: int, scenario: Path, name: str) -> Path:
+    recipient = Identity.generate().recipient
+    text = [f'device_id = "bench"\nsite = "bench"\njurisdiction = "DE"\n'
+            f'[storage]\ndata_dir = "{work / name}"\n[keys]\nrecipients = ["{recipient}"]\n']
+    for index in range(lines):
+        text.append(f'[[lines]]\nid = "line{index + 1}"\nbackend = "sim"\n[lines.options]\n'
+                    f'scenario = "{scenario}"\nspeed = 0.0\n')
+    path = work / f"{name}.toml"
+    path.write_text("\n".join(text))
+    return path
+
+
+def run_daemon(config: Path) -> float:
+    """Run the recorder until its lines end; return wall seconds."""
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-m", "firmware.cli", "run", "--config", str(config),
+                    "--until-lines-end"], check=True, cwd=REPO, stderr=subprocess.DEVNULL)
+    return time.monotonic() - start
+
+
+def bench_rss(work: Path) -> dict[str, float]:
+    scenario = work / "rss.toml"
+    scenario.write_text(scenario_text(call_minutes=3, calls=6, gap_s=5))
+    wall_s = run_daemon(write_config(work, 4, scenario, "rss"))
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"lines": 4, "peak_rss_mb": peak_kib / 1024, "wall_s": wall_s}
+
+
+def sectors_written(path: Path) -> int:
+    dev = os.stat(path).st_dev
+    stat = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat")
+    if not stat.exists():  # a partition: its stat is under the same name
+        raise RuntimeError(f"{stat}: not found; cannot measure writes here")
+    return int(stat.read_text().split()[6])
+
+
+def bench_writes(work: Path) -> dict[str, float]:
+    scenario = work / "writes.toml"
+    scenario.write_text(scenario_text(call_minutes=10, calls=3, gap_s=2))
+    config = write_config(work, 1, scenario, "writes")
+    os.sync()
+    before = sectors_written(work)
+    wall_s = run_daemon(config)
+    os.sync()
+    written = (sectors_written(work) - before) * 512
+    time.sleep(0.1)
+    os.sync()
+    idle_before = sectors_written(work)
+    time.sleep(wall_s)
+    os.sync()
+    idle = (sectors_written(work) - idle_before) * 512
+    audio_s = recorder_audio_s(work / "writes" / "catalogue.db")
+    audio_bytes = audio_s * 8000
+    files = sum(p.stat().st_size for p in (work / "writes" / "recordings").glob("*.rec"))
+    return {"audio_s": audio_s, "audio_bytes": audio_bytes, "file_bytes": files,
+            "device_bytes": written, "idle_bytes": idle,
+            "amplification": (written - idle) / audio_bytes,
+            "amplification_raw": written / audio_bytes}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["cpu", "rss", "writes"], default=None)
+    args = parser.parse_args()
+    results: dict[str, object] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}"
+                   f" Python {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    with tempfile.TemporaryDirectory(prefix="edge-bench-", dir=REPO / "bench") as tmp:
+        work = Path(tmp)
+        if args.only in (None, "cpu"):
+            results["cpu_no_detectors"] = bench_cpu(work, detectors=False)
+            results["cpu_with_detectors"] = bench_cpu(work, detectors=True)
+        if args.only in (None, "rss"):
+            results["rss"] = bench_rss(work)
+        if args.only in (None, "writes"):
+            results["writes"] = bench_writes(work)
+    OUT.mkdir(exist_ok=True)
+    (OUT / "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

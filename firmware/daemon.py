@@ -1,0 +1,191 @@
+"""The recorder daemon: one thread per line, the main thread for signals, checkpoints and
+the systemd watchdog.
+
+Threads: each line thread owns its backend, its call engine and its recorder (audio
+writes and fdatasync happen there); all threads share one :class:`Catalogue` whose
+writes are serialised by its lock. The main thread never touches audio.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from drivers.clock import Clock
+from drivers.dsp.events import Detector
+from drivers.line import LineBackend, LineClosed, LineError
+from drivers.registry import open_line
+from firmware import __version__
+from firmware.agecrypt import Recipient
+from firmware.catalogue import Catalogue
+from firmware.config import Config
+from firmware.engine import CallEngine, EngineLimits
+from firmware.ids import Uuid7Factory
+from firmware.keys import load_or_create_signing_key
+from firmware.policy import PlaceholderPolicy, PolicyHook
+from firmware.recorder import CallRecorder, RecorderSettings, recover_interrupted
+from firmware.sdnotify import Notifier
+
+log = logging.getLogger(__name__)
+
+READ_TIMEOUT_S = 0.2
+
+
+class ApplianceError(Exception):
+    """The appliance cannot start or had to stop (one-line message)."""
+
+
+def default_detectors() -> list[Detector]:
+    """The live detectors every line runs (DTMF digits, caller ID)."""
+    from drivers.dsp.callerid import CallerIdDetector
+    from drivers.dsp.dtmf import DtmfDetector
+
+    return [DtmfDetector(), CallerIdDetector()]
+
+
+@dataclass
+class LineRunner:
+    line: LineBackend
+    engine: CallEngine
+    recorder: CallRecorder
+    thread: threading.Thread | None = None
+    error: str | None = None
+    items: int = 0
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Appliance:
+    """Everything ``edge-recorder run`` runs, with its clock and policy injected."""
+
+    def __init__(self, config: Config, *, clock: Clock, policy: PolicyHook | None = None,
+                 detectors: Callable[[], Sequence[Detector]] = default_detectors,
+                 notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.policy = policy or PlaceholderPolicy()
+        self.detectors = detectors
+        self.notifier = notifier or Notifier()
+        self.stop_event = threading.Event()
+        self.ids = Uuid7Factory(clock)
+        self.catalogue: Catalogue | None = None
+        self.runners: list[LineRunner] = []
+        self._key = None
+
+    # --- life cycle --------------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.config
+        for folder in (cfg.data_dir, cfg.recordings_dir):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._key = load_or_create_signing_key(cfg.device_key_path)
+        self.catalogue = Catalogue(cfg.catalogue_path, clock=self.clock, device_id=cfg.device_id)
+        recovered = recover_interrupted(self.catalogue)
+        with self.catalogue.transaction() as tx:
+            tx.audit("device.started", cfg.device_id, firmware=__version__,
+                     config_sha256=_config_hash(cfg), recovered=len(recovered),
+                     lines=[line.id for line in cfg.lines])
+        recipients = [Recipient.parse(r) for r in cfg.keys.recipients]
+        settings = RecorderSettings(device_id=cfg.device_id, jurisdiction=cfg.jurisdiction,
+                                    recordings_dir=cfg.recordings_dir, recipients=recipients,
+                                    flush_interval_s=cfg.limits.flush_interval_s)
+        limits = EngineLimits(ring_timeout_s=cfg.limits.ring_timeout_s,
+                              glare_window_s=cfg.limits.glare_window_s,
+                              max_segment_s=cfg.limits.max_segment_s)
+        for line_cfg in cfg.lines:
+            line = open_line(line_cfg.backend, line_cfg.id, line_cfg.options, clock=self.clock,
+                             country=cfg.line_country(line_cfg))
+            recorder = CallRecorder(self.catalogue, self.policy, settings, clock=self.clock,
+                                    new_id=self.ids.new)
+            engine = CallEngine(line_cfg.id, recorder, clock=self.clock, new_id=self.ids.new,
+                                limits=limits, detectors=self.detectors())
+            self.runners.append(LineRunner(line, engine, recorder))
+        for runner in self.runners:
+            runner.thread = threading.Thread(target=self._line_loop, args=(runner,),
+                                             name=f"line-{runner.line.line_id}", daemon=True)
+            runner.thread.start()
+        self.notifier.ready()
+        log.info("appliance %s started: %d line(s)", cfg.device_id, len(self.runners))
+
+    def run(self, *, until_lines_end: bool = False) -> int:
+        """Start, serve until stopped (or until every line has ended), stop. Exit code."""
+        self.start()
+        next_checkpoint = self.clock.monotonic() + self.config.limits.checkpoint_interval_s
+        tick = self.notifier.watchdog_interval_s or 1.0
+        while not self.stop_event.wait(min(tick, 1.0)):
+            self.notifier.watchdog()
+            if self.clock.monotonic() >= next_checkpoint:
+                self.checkpoint()
+                next_checkpoint = self.clock.monotonic() + self.config.limits.checkpoint_interval_s
+            if any(r.error for r in self.runners):
+                break
+            if until_lines_end and all(r.done.is_set() for r in self.runners):
+                break
+        return self.stop()
+
+    def stop(self) -> int:
+        self.notifier.stopping()
+        self.stop_event.set()
+        for runner in self.runners:
+            if runner.thread is not None:
+                runner.thread.join(timeout=30)
+        errors = [f"line {r.line.line_id}: {r.error}" for r in self.runners if r.error]
+        if self.catalogue is not None:
+            with self.catalogue.transaction() as tx:
+                tx.audit("device.stopped", self.config.device_id,
+                         errors=errors, firmware=__version__)
+            self.checkpoint()
+            self.catalogue.close()
+            self.catalogue = None
+        for error in errors:
+            log.error("%s", error)
+        return 1 if errors else 0
+
+    def checkpoint(self) -> None:
+        if self.catalogue is not None and self._key is not None:
+            self.catalogue.checkpoint(self._key)
+
+    # --- the line thread ---------------------------------------------------------------
+    def _line_loop(self, runner: LineRunner) -> None:
+        line, engine = runner.line, runner.engine
+        try:
+            with line:
+                while not self.stop_event.is_set():
+                    item = line.read(READ_TIMEOUT_S)
+                    if item is not None:
+                        engine.feed(item)
+                        runner.items += 1
+        except LineClosed:
+            log.info("line %s: ended", line.line_id)
+        except LineError as exc:
+            runner.error = str(exc)
+            log.error("line %s: %s", line.line_id, exc)
+        except Exception as exc:  # the daemon must close recordings whatever happened
+            runner.error = f"internal error: {exc}"
+            log.exception("line %s: internal error", line.line_id)
+        finally:
+            engine.shutdown("shutdown" if runner.error is None else "line_error")
+            runner.done.set()
+
+
+def _config_hash(cfg: Config) -> str:
+    try:
+        return hashlib.sha256(Path(cfg.source).read_bytes()).hexdigest()
+    except OSError:
+        return ""
+
+
+def install_signal_handlers(app: Appliance) -> None:
+    """SIGTERM/SIGINT stop the appliance cleanly (recordings closed, checkpoint signed)."""
+    import signal
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        app.stop_event.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    os.umask(0o077)

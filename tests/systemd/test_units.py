@@ -1,0 +1,55 @@
+"""Unit files pass `systemd-analyze verify` (any stderr output is a failure) and score as
+hardened in `systemd-analyze security --offline`."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+UNITS = sorted((REPO / "systemd").glob("*.service"))
+TARGETS = ("sysinit.target", "basic.target", "multi-user.target", "local-fs.target",
+           "time-sync.target", "shutdown.target", "sockets.target", "paths.target",
+           "timers.target", "slices.target", "network-online.target", "network.target")
+MAX_EXPOSURE = 2.0
+
+pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                                reason="systemd-analyze missing (make installs it)")
+
+
+def fake_root(tmp: Path, unit: Path) -> Path:
+    """A root with the unit, the targets it names and its ExecStart binary."""
+    system = tmp / "etc" / "systemd" / "system"
+    system.mkdir(parents=True)
+    shutil.copy(unit, system)
+    for target in TARGETS:
+        src = Path("/lib/systemd/system") / target
+        if src.exists():
+            shutil.copy(src, system)
+    for exe in re.findall(r"^Exec\w+=[-@:+!]*(\S+)", unit.read_text(), re.MULTILINE):
+        binary = tmp / exe.lstrip("/")
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        binary.write_text("#!/bin/sh\n")
+        binary.chmod(0o755)
+    return tmp
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=[u.name for u in UNITS])
+def test_unit_verifies_cleanly(tmp_path: Path, unit: Path) -> None:
+    root = fake_root(tmp_path, unit)
+    result = subprocess.run(["systemd-analyze", "verify", f"--root={root}", unit.name],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=[u.name for u in UNITS])
+def test_unit_is_hardened(unit: Path) -> None:
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
+                            capture_output=True, text=True, check=False)
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout[-500:] + result.stderr
+    assert float(match.group(1)) <= MAX_EXPOSURE

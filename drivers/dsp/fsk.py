@@ -1,0 +1,239 @@
+"""Streaming 1200-baud FSK receiver: quadrature demodulator and 8N1 UART.
+
+Demodulator (non-coherent, per sample, vectorised per chunk): the signal is mixed with
+complex oscillators at the mark and space frequencies and each product is averaged over
+``L`` = 7 samples (about one bit at 1200 baud; a boxcar, computed by cumulative sums). The
+sign of ``|mark|^2 - |space|^2`` is the bit; the carrier is present where those two
+powers hold at least half of the signal power over the same window and the signal is
+above ``min_level_dbfs``. The boxcar delays everything by (L - 1) / 2 = 3 samples, which
+is taken off so that levels sit on the line timeline.
+
+UART: 8N1, LSB first (Telcordia GR-30-CORE, ETSI EN 300 659-2). A byte starts at a
+mark-to-space edge, placed between samples where the soft value crosses zero; its 10
+bits are read at their centres from that edge (start 0, 8 data, stop 1), interpolating
+the soft value between samples; every centre must have carrier, and hunting for the next
+start edge resumes at the stop bit's centre: the UART re-synchronises on every byte.
+Each byte reports how many mark bits of continuous carrier preceded it (the channel
+seizure and mark signals before a caller-ID message), where its carrier began, and how
+many of its bits were decided with little confidence ("weak": |soft| < 0.15).
+
+Pure: arrays in, values out; no I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from drivers.dsp.events import SAMPLE_RATE
+
+log = logging.getLogger(__name__)
+
+FULL_SCALE = 32768.0
+BOXCAR_LEN = 7  # samples, ~1 bit at 1200 baud; odd so the delay is a whole sample
+MIN_CARRIER_SHARE = 0.5  # mark + space power / signal power
+DEFAULT_MIN_LEVEL_DBFS = -50.0
+# A bit decided with |soft| below this is "weak": noise may have flipped it. At 20 dB S/N
+# no bit of a clean burst is weak; bits flipped by noise nearly always are.
+DEFAULT_WEAK_MARGIN = 0.15
+
+MARK, SPACE, NO_CARRIER = 1, 0, -1
+
+
+@dataclass(frozen=True, slots=True)
+class FskStandard:
+    name: str
+    mark_hz: float
+    space_hz: float
+    baud: float = 1200.0
+
+
+# Telcordia GR-30-CORE (Bell 202): mark 1200 Hz, space 2200 Hz, 1200 baud.
+BELL202 = FskStandard("bell202", 1200.0, 2200.0)
+# ETSI EN 300 659-2 / ITU-T V.23 forward channel: mark 1300 Hz, space 2100 Hz, 1200 baud.
+V23 = FskStandard("v23", 1300.0, 2100.0)
+
+
+@dataclass(frozen=True, slots=True)
+class UartByte:
+    """One 8N1 character on the line timeline."""
+
+    value: int
+    sample: int  # leading edge of the start bit
+    end_sample: int  # end of the stop bit
+    # continuous mark (with carrier) just before the start bit, in bits; counts the
+    # previous byte's stop bit and trailing 1 data bits too
+    idle_bits: float
+    carrier_start: int  # first sample of the carrier that carries this byte
+    margin: float  # weakest of the 10 bit decisions (|soft| of FskDemodulator, 0..1)
+    weak_bits: int  # bits decided with |soft| < the UART's weak_margin
+
+
+class FskDemodulator:
+    """Streaming quadrature FSK demodulator: PCM in, per-sample levels out."""
+
+    def __init__(self, mark_hz: float, space_hz: float,
+                 min_level_dbfs: float = DEFAULT_MIN_LEVEL_DBFS) -> None:
+        self._omega = 2.0 * np.pi * np.array([mark_hz, space_hz]) / SAMPLE_RATE
+        amp = FULL_SCALE * 10.0 ** (min_level_dbfs / 20.0)
+        self._min_power = amp * amp / 2.0 * BOXCAR_LEN
+        self._table = np.zeros((0, 5))
+        self.reset()
+
+    def reset(self) -> None:
+        self._tail = np.zeros(BOXCAR_LEN - 1)
+
+    @property
+    def delay(self) -> int:
+        """Samples by which the levels lag the input."""
+        return (BOXCAR_LEN - 1) // 2
+
+    def demodulate(self, pcm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(levels, soft) for each input sample, ``delay`` samples late.
+
+        levels: MARK / SPACE / NO_CARRIER (int8); soft: (m - s) / (m + s) of the mark and
+        space powers, -1 (space only) .. +1 (mark only); its size is the confidence.
+        """
+        x = np.concatenate([self._tail, pcm])
+        self._tail = x[len(x) - (BOXCAR_LEN - 1):]
+        if float(np.abs(x).max()) ** 2 * BOXCAR_LEN < self._min_power:
+            # too quiet for a carrier anywhere (the common case on an idle line)
+            return np.full(len(pcm), NO_CARRIER, dtype=np.int8), np.zeros(len(pcm))
+        # columns: x cos(wm n), -x sin(wm n), x cos(ws n), -x sin(ws n), x^2 -- the phase
+        # origin is the chunk start; only magnitudes are used, and the carried tail is
+        # remixed with the same origin as the new samples.
+        y = x[:, None] * self._oscillators(len(x))
+        y[:, 4] *= x
+        sums = _boxcar(y)
+        sq = sums[:, :4] * sums[:, :4]
+        mark_p = sq[:, 0] + sq[:, 1]
+        space_p = sq[:, 2] + sq[:, 3]
+        both = mark_p + space_p
+        # boxcar sums: |sum|^2 = L^2 |mean|^2, sum(x^2) = L mean(x^2); a tone of amplitude
+        # A has |mean|^2 = A^2 / 4 and mean(x^2) = A^2 / 2, so a pure tone gives share 1.
+        carrier = (both * (2.0 / BOXCAR_LEN) >= MIN_CARRIER_SHARE * sums[:, 4]) & (
+            sums[:, 4] >= self._min_power)
+        levels = np.where(carrier, (mark_p > space_p).astype(np.int8), np.int8(NO_CARRIER))
+        soft = (mark_p - space_p) / np.maximum(both, 1e-9)
+        return levels.astype(np.int8, copy=False), soft
+
+    def _oscillators(self, n: int) -> np.ndarray:
+        if len(self._table) < n:
+            phase = np.outer(np.arange(max(n, 4096)), self._omega)
+            self._table = np.column_stack([np.cos(phase[:, 0]), -np.sin(phase[:, 0]),
+                                           np.cos(phase[:, 1]), -np.sin(phase[:, 1]),
+                                           np.ones(len(phase))])
+        return self._table[:n]
+
+
+def _boxcar(x: np.ndarray) -> np.ndarray:
+    """Sums of BOXCAR_LEN consecutive rows: one output per input row after the first L-1."""
+    c = np.cumsum(x, axis=0)
+    out = c[BOXCAR_LEN - 1:]
+    out[1:] -= c[: len(c) - BOXCAR_LEN]
+    return out
+
+
+class Uart8N1:
+    """Streaming 8N1 UART over per-sample levels (see module docstring)."""
+
+    def __init__(self, baud: float = 1200.0, weak_margin: float = DEFAULT_WEAK_MARGIN) -> None:
+        self._spb = SAMPLE_RATE / baud
+        self._weak_margin = weak_margin
+        self._offsets = (np.arange(10) + 0.5) * self._spb  # bit centres after the edge
+        self._span = int(np.ceil(self._offsets[-1])) + 2  # levels needed from the edge on
+        self._resume = round(9.5 * self._spb)  # stop-bit centre
+        self._end = round(10 * self._spb)
+        self._weights = 1 << np.arange(8)
+        self.reset()
+
+    def reset(self) -> None:
+        self._buf = np.zeros(0, dtype=np.int8)
+        self._soft_buf = np.zeros(0)
+        self._base = 0  # line sample of self._buf[0]
+        self._pos = 0  # line sample where the next start edge may be
+        self._last_not_mark = -1  # last line sample before self._buf whose level != MARK
+        self._last_no_carrier = -1  # ... whose level is NO_CARRIER
+        self._started = False
+
+    def feed(self, start: int, levels: np.ndarray, soft: np.ndarray) -> list[UartByte]:
+        """Levels and soft values of line samples ``start``.. (contiguous with the last call)."""
+        if not self._started:  # nothing is known before the first level: no carrier
+            self._base = self._pos = start
+            self._last_not_mark = self._last_no_carrier = start - 1
+            self._started = True
+        if len(levels) and levels.max() == NO_CARRIER:  # nothing to read: just move on
+            self._idle(start + len(levels))
+            return []
+        if len(self._buf):
+            levels = np.concatenate([self._buf, levels])
+            soft = np.concatenate([self._soft_buf, soft])
+        if len(levels) < 2:
+            self._buf, self._soft_buf = levels, soft
+            return []
+        at = np.arange(self._base, self._base + len(levels))
+        not_mark = np.maximum.accumulate(np.where(levels != MARK, at, self._last_not_mark))
+        no_carrier = np.maximum.accumulate(
+            np.where(levels == NO_CARRIER, at, self._last_no_carrier))
+        edges = np.flatnonzero((levels[:-1] == MARK) & (levels[1:] == SPACE)) + 1
+        edges = edges[edges >= self._pos - self._base]
+        ready = edges[edges + self._span <= len(levels)]
+        out = self._read(levels, soft, ready, not_mark, no_carrier) if len(ready) else []
+        keep_from = len(levels) - 1  # the last level may begin an edge
+        if len(ready) < len(edges):
+            keep_from = int(edges[len(ready)]) - 1
+        self._last_not_mark = int(not_mark[keep_from - 1]) if keep_from else self._last_not_mark
+        self._last_no_carrier = (int(no_carrier[keep_from - 1]) if keep_from
+                                 else self._last_no_carrier)
+        self._buf, self._soft_buf = levels[keep_from:], soft[keep_from:]
+        self._base += keep_from
+        return out
+
+    def _idle(self, end: int) -> None:
+        """Everything before line sample ``end`` was without carrier."""
+        self._buf, self._soft_buf = np.zeros(0, dtype=np.int8), np.zeros(0)
+        self._base = end
+        self._pos = max(self._pos, end)
+        self._last_not_mark = self._last_no_carrier = end - 1
+
+    def _read(self, levels: np.ndarray, soft: np.ndarray, edges: np.ndarray,
+              not_mark: np.ndarray, no_carrier: np.ndarray) -> list[UartByte]:
+        """Bytes at the start edges that frame correctly, taken in order without overlap."""
+        bits, at_centre = self._sample_bits(levels, soft, edges)
+        good = (bits[:, 0] == SPACE) & (bits[:, 9] == MARK) & (bits.min(axis=1) >= 0)
+        if not good.any():
+            self._pos = self._base + int(edges[-1]) + 1
+            return []
+        edges, bits, confidence = edges[good], bits[good], np.abs(at_centre[good])
+        values = (bits[:, 1:9] @ self._weights).tolist()
+        weakest = confidence.min(axis=1).tolist()
+        weak = (confidence < self._weak_margin).sum(axis=1).tolist()
+        idle = ((edges - 1 + self._base - not_mark[edges - 1]) / self._spb).tolist()
+        carrier_start = (no_carrier[edges] + 1).tolist()
+        out: list[UartByte] = []
+        for j, e in enumerate((edges + self._base).tolist()):
+            if e >= self._pos:
+                out.append(UartByte(values[j], e, e + self._end, idle[j], carrier_start[j],
+                                    weakest[j], weak[j]))
+                self._pos = e + self._resume
+        return out
+
+    def _sample_bits(self, levels: np.ndarray, soft: np.ndarray,
+                     edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(bits, soft values) at the 10 bit centres after each start edge.
+
+        The edge is placed between samples where the soft value crosses zero; the centres
+        fall between samples too and are read by linear interpolation. A centre without
+        carrier on either side reads NO_CARRIER.
+        """
+        before, after = soft[edges - 1], soft[edges]
+        edge = edges - 1 + before / np.maximum(before - after, 1e-9)
+        centre = np.minimum(edge[:, None] + self._offsets, len(levels) - 1.001)
+        where = centre.astype(np.int64)
+        frac = centre - where
+        at_centre = soft[where] * (1.0 - frac) + soft[where + 1] * frac
+        carrier = np.minimum(levels[where], levels[where + 1]) >= 0
+        bits = np.where(carrier, (at_centre > 0).astype(np.int8), np.int8(NO_CARRIER))
+        return bits, at_centre

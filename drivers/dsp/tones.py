@@ -1,0 +1,580 @@
+"""Call-progress tone detector: dial, busy, ringback and congestion tones by country.
+
+The tone definitions come only from :mod:`drivers.toneplan`. Signal path:
+
+1. **Bands and groups** (at construction). Every frequency of the country's four tones,
+   with the sidebands ``carrier +- am_hz`` of amplitude-modulated tones, is clustered:
+   frequencies closer than ``BAND_MERGE_HZ`` form one *band* (a 20 ms block cannot
+   resolve them: its bins are 50 Hz apart). Tones that touch the same set of bands form
+   one *group*; within a group only the cadence tells the tones apart (DE: 425 Hz for
+   all four; AU: 425 Hz and 413+438 Hz are one band). Tones of a group with the same
+   cadence cannot be told apart at all (PL, HU, JP, AU, MX busy = congestion); the later
+   one in the order dial, busy, ringback, congestion is reported as the earlier one
+   (:attr:`ToneDetector.reported_as`).
+2. **Blocks** of ``BLOCK_LEN`` = 160 samples (20 ms). One matrix product against
+   precomputed orthonormal bases (QR of the cos/sin columns of each band's frequencies)
+   gives each block's energy in every band and group subspace. A block is *on* for a
+   group when the group holds >= ``MIN_PURITY`` of the block's AC energy (at 15 dB S/N a
+   tone keeps ~97 %; speech and music spread over many harmonics), is above
+   ``MIN_TONE_DBFS``, and each band of a multi-band group holds >= ``MIN_BAND_SHARE`` of
+   it. If several groups pass, the one with more bands wins (UK 400 vs 400+450 Hz).
+3. **Bursts**: runs of on-blocks per group, bridging dropouts of up to
+   ``BRIDGE_BLOCKS`` (noise, the troughs of AM tones); runs shorter than
+   ``MIN_BURST_S`` are dropped (and count as activity in the gap).
+4. **Cadence matching** per group: the run's on/off durations are compared with every
+   tone's cadence at every phase, each within ``tolerance_s(expected)``. A tone is
+   decided when it has matched one full cadence period (all its on and off times; a
+   continuous tone: ``dial_confirm_s`` of steady tone) and no other tone of the group is
+   still consistent but unconfirmed; between confirmed tones the smallest deviation wins.
+   A run ends when the gap exceeds the cadence's off time plus tolerance, when the gap
+   holds ``GAP_ACTIVITY_BLOCKS`` of other sound within ``GAP_ACTIVITY_DB`` of the tone
+   (DTMF after the dial tone, the far end's voice after ringback), or when a burst breaks
+   the cadence. A single burst that fits no cadence but is >= ``DIAL_MIN_S`` long is a
+   (continuous) dial tone; a single burst that also fits a cadenced tone is ambiguous
+   and not reported.
+
+Events: ``Tone(sample, end_sample, tone)`` once the pattern has stopped, with ``sample``
+the first block of the first burst (within one block of the onset) and ``end_sample`` the
+end of the last burst. :meth:`ToneDetector.in_progress` tells about a decided tone that
+is still going.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from drivers.dsp.events import SAMPLE_RATE, DetectorEvent, Tone
+from drivers.toneplan import TonePlan, TonePlanError, ToneSpec, tone_plan
+
+log = logging.getLogger(__name__)
+
+TONE_NAMES = ("dial", "busy", "ringback", "congestion")
+BLOCK_LEN = 160  # 20 ms at 8 kHz: bins 50 Hz apart
+FULL_SCALE = 32767.0  # peak of a 0 dBFS sine in int16 samples
+# Frequencies closer than this are one band. 400/450 Hz (UK) stay apart; 413/425/438 Hz
+# (AU, ACIF S002) and an AM tone's carrier and sidebands are one band.
+BAND_MERGE_HZ = 30.0
+# A block is on when the group holds this share of its AC energy. A tone at 15 dB S/N in
+# white noise keeps ~0.97 (the 2-dim subspace of one tone takes 2/160 of the noise).
+MIN_PURITY = 0.7
+# Each band of a dual tone must hold this share of the group energy (about 7 dB twist).
+MIN_BAND_SHARE = 0.15
+# Weakest tone detected, group energy as a sine level (0 dBFS = full-scale sine).
+# ITU-T E.180 sends call-progress tones at -10 .. -25 dBm0 (about -13 .. -28 dBFS).
+MIN_TONE_DBFS = -42.0
+# Dropouts bridged inside a burst: 3 blocks = 60 ms. The shortest gap in the table is
+# 165 ms (CZ congestion, Asterisk [cz]); an AM trough at 16 Hz lasts < 30 ms.
+BRIDGE_BLOCKS = 3
+MIN_BURST_S = 0.1  # shortest on time in the table: 0.165 s (CZ congestion)
+# Cadence tolerance: quantisation (one block at each edge) plus a share of the interval.
+TOL_ABS_S = 0.06
+TOL_REL = 0.08
+DIAL_MIN_S = 0.6  # a lone steady burst at least this long can be a dial tone
+# A gap is not quiet when it holds this many blocks of other sound at most this far
+# below the tone's level (the white noise of a 15 dB S/N line stays 15 dB below).
+GAP_ACTIVITY_DB = -10.0
+GAP_ACTIVITY_BLOCKS = 3
+DEFAULT_BATCH_SAMPLES = 1600  # 200 ms: numpy work per call stays large
+
+
+class CallProgressError(Exception):
+    """Base of the call-progress detectors' errors (tones, voice, answer)."""
+
+
+class CallProgressConfigError(CallProgressError, ValueError):
+    """A detector built with an unknown country or an impossible parameter."""
+
+
+def tolerance_s(expected_s: float) -> float:
+    """How far a measured on or off time may be from ``expected_s``."""
+    return TOL_ABS_S + TOL_REL * expected_s
+
+
+# --- groups of tones -----------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ToneCandidate:
+    """One tone a group may be: its name and flattened cadence (on, off, on, ...)."""
+
+    tone: str
+    cadence: tuple[float, ...]  # seconds; () = continuous
+
+    @property
+    def continuous(self) -> bool:
+        return not self.cadence
+
+
+@dataclass(frozen=True, slots=True)
+class ToneGroup:
+    """Tones sharing the same bands; only their cadences tell them apart."""
+
+    bands: tuple[tuple[float, ...], ...]  # frequencies of each band, Hz
+    candidates: tuple[ToneCandidate, ...]
+
+
+def _spec_freqs(spec: ToneSpec) -> tuple[float, ...]:
+    """Frequencies that carry a tone's energy: AM adds the carrier's two sidebands."""
+    if not spec.am_hz:
+        return spec.freqs_hz
+    carrier = spec.freqs_hz[0]
+    return (*spec.freqs_hz, carrier - spec.am_hz, carrier + spec.am_hz)
+
+
+def _bands(freqs: list[float]) -> list[tuple[float, ...]]:
+    """Single-linkage clusters of ``freqs`` at ``BAND_MERGE_HZ``."""
+    bands: list[list[float]] = []
+    for f in sorted(set(freqs)):
+        if bands and f - bands[-1][-1] < BAND_MERGE_HZ:
+            bands[-1].append(f)
+        else:
+            bands.append([f])
+    return [tuple(b) for b in bands]
+
+
+def tone_groups(plan: TonePlan) -> tuple[list[ToneGroup], dict[str, str]]:
+    """The plan's tones grouped by bands, and which tone is reported as which.
+
+    The second value maps a tone name to the name reported for it when its frequencies
+    and cadence equal an earlier tone's (e.g. ``{"congestion": "busy"}`` for PL).
+    """
+    specs = {name: getattr(plan, name) for name in TONE_NAMES}
+    bands = _bands([f for spec in specs.values() for f in _spec_freqs(spec)])
+    band_of = {f: i for i, band in enumerate(bands) for f in band}
+    by_key: dict[frozenset[int], list[ToneCandidate]] = {}
+    reported_as: dict[str, str] = {}
+    for name, spec in specs.items():
+        key = frozenset(band_of[f] for f in _spec_freqs(spec))
+        cadence = tuple(x for pair in spec.cadence for x in pair)
+        members = by_key.setdefault(key, [])
+        twin = next((c for c in members if c.cadence == cadence), None)
+        if twin is not None:
+            reported_as[name] = twin.tone
+            log.debug("tones %s: %s is indistinguishable from %s", plan.country, name,
+                      twin.tone)
+            continue
+        members.append(ToneCandidate(name, cadence))
+    groups = [ToneGroup(tuple(bands[i] for i in sorted(key)), tuple(members))
+              for key, members in by_key.items()]
+    return groups, reported_as
+
+
+# --- block analysis ------------------------------------------------------------------
+def _basis(freqs: tuple[float, ...]) -> np.ndarray:
+    """Orthonormal basis (BLOCK_LEN, 2 * len(freqs)) of the sinusoids at ``freqs``."""
+    n = np.arange(BLOCK_LEN)[:, None]
+    phase = 2.0 * np.pi * n * np.asarray(freqs)[None, :] / SAMPLE_RATE
+    q, _ = np.linalg.qr(np.hstack([np.cos(phase), np.sin(phase)]))
+    return q
+
+
+class _BlockAnalyser:
+    """Per block: which group's tone it holds (-1 = none) and its AC energy."""
+
+    def __init__(self, groups: list[ToneGroup]) -> None:
+        measures: list[tuple[float, ...]] = []  # frequency sets whose energy is measured
+
+        def index(freqs: tuple[float, ...]) -> int:
+            if freqs not in measures:
+                measures.append(freqs)
+            return measures.index(freqs)
+
+        self._band_idx = [[index(b) for b in g.bands] for g in groups]
+        self._group_idx = [index(tuple(f for b in g.bands for f in b)) for g in groups]
+        bases = [_basis(freqs) for freqs in measures]
+        self._matrix = np.hstack(bases)
+        self._starts = np.cumsum([0] + [b.shape[1] for b in bases[:-1]])
+        self._n_bands = np.array([len(g.bands) for g in groups], dtype=np.float64)
+        amp = FULL_SCALE * 10.0 ** (MIN_TONE_DBFS / 20.0)
+        self._floor = BLOCK_LEN * amp * amp / 2.0  # energy of a floor-level sine
+
+    def analyse(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(chosen group per block, AC energy per block) of float64 ``blocks``."""
+        sums = blocks.sum(axis=1)
+        ac = np.einsum("ij,ij->i", blocks, blocks) - sums * sums / BLOCK_LEN
+        y = blocks @ self._matrix
+        energy = np.add.reduceat(y * y, self._starts, axis=1)
+        group_e = energy[:, self._group_idx]
+        ok = (group_e >= MIN_PURITY * ac[:, None]) & (group_e >= self._floor)
+        for g, bands in enumerate(self._band_idx):
+            if len(bands) > 1:
+                ok[:, g] &= (energy[:, bands] >= MIN_BAND_SHARE * group_e[:, g:g + 1]).all(1)
+        score = np.where(ok, self._n_bands + group_e / np.maximum(ac, 1e-9)[:, None], 0.0)
+        chosen = np.where(ok.any(axis=1), score.argmax(axis=1), -1)
+        return chosen, ac
+
+
+# --- bursts --------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _Burst:
+    start: int  # first sample of the first on-block
+    end: int  # end of the last on-block
+    energy: float  # mean AC energy of its on-blocks
+    loud_before: int  # blocks of other sound in the gap before it
+
+
+@dataclass(frozen=True, slots=True)
+class _OpenState:
+    """A group's tracker at the end of the analysed audio."""
+
+    burst_start: int | None  # a burst in progress (>= MIN_BURST_S long), else None
+    burst_end: int
+    loud: int  # other sound since the last burst (gap) or before the open burst
+
+
+class _BurstTracker:
+    """Turns one group's on-blocks into bursts, bridging short dropouts."""
+
+    def __init__(self) -> None:
+        self._min_blocks = round(MIN_BURST_S * SAMPLE_RATE / BLOCK_LEN)
+        self._activity = 10.0 ** (GAP_ACTIVITY_DB / 10.0)
+        self.open_start: int | None = None
+        self.open_end = 0
+        self._open_energy = 0.0
+        self._open_blocks = 0
+        self._open_loud = 0
+        self._off_blocks = BRIDGE_BLOCKS + 1  # blocks since the last on-block
+        self._gap_loud = 0  # other sound since the last on-block
+        self._carry_loud = 0  # other sound before it that a dropped burst took along
+        self._level = 0.0  # energy of the last burst (reference for "other sound")
+
+    def process(self, start: int, on: np.ndarray, ac: np.ndarray) -> list[_Burst]:
+        """Closed bursts found in a batch of blocks starting at sample ``start``."""
+        n = len(on)
+        near = on.copy()  # a burst's edge blocks are part tone: not "other sound"
+        near[1:] |= on[:-1]
+        near[:-1] |= on[1:]
+        loud = (ac >= self._level * self._activity) & ~near if self._level else near & False
+        cum = np.concatenate([[0], np.cumsum(loud)])
+        closed: list[_Burst] = []
+        prev = -1 - self._off_blocks  # index of the last on-block (may be negative)
+        for a, b in _runs(on):
+            gap = a - prev - 1
+            if self.open_start is not None and gap <= BRIDGE_BLOCKS:
+                self._extend(start, a, b, ac)
+            else:
+                carried = self._gap_loud if prev < 0 else 0
+                loud_before = carried + int(cum[a] - cum[max(prev + 1, 0)])
+                closed.extend(self._close())
+                self._open(start, a, b, ac, loud_before)
+            prev = b
+        if prev >= 0:
+            self._off_blocks = n - 1 - prev
+            self._gap_loud = int(cum[n] - cum[prev + 1])
+        else:
+            self._off_blocks += n
+            self._gap_loud += int(cum[n])
+        if self.open_start is not None and self._off_blocks > BRIDGE_BLOCKS:
+            closed.extend(self._close())
+        return closed
+
+    def state(self) -> _OpenState:
+        if self.open_start is not None and self._open_blocks >= self._min_blocks:
+            return _OpenState(self.open_start, self.open_end, self._carry_loud + self._open_loud)
+        pending = self._open_blocks + self._open_loud if self.open_start is not None else 0
+        return _OpenState(None, self.open_end, self._carry_loud + pending + self._gap_loud)
+
+    def close(self) -> list[_Burst]:
+        """End the burst in progress (the stream stops)."""
+        return self._close()
+
+    def _open(self, start: int, a: int, b: int, ac: np.ndarray, loud_before: int) -> None:
+        self.open_start = start + a * BLOCK_LEN
+        self._open_energy, self._open_blocks = 0.0, 0
+        self._open_loud = loud_before
+        self._extend(start, a, b, ac)
+
+    def _extend(self, start: int, a: int, b: int, ac: np.ndarray) -> None:
+        self.open_end = start + (b + 1) * BLOCK_LEN
+        self._open_energy += float(ac[a:b + 1].sum())
+        self._open_blocks += b + 1 - a
+
+    def _close(self) -> list[_Burst]:
+        if self.open_start is None:
+            return []
+        begin, self.open_start = self.open_start, None
+        if self._open_blocks < self._min_blocks:
+            self._carry_loud += self._open_loud + self._open_blocks  # noise, not a burst
+            return []
+        self._level = self._open_energy / self._open_blocks
+        burst = _Burst(begin, self.open_end, self._level, self._carry_loud + self._open_loud)
+        self._carry_loud = 0
+        return [burst]
+
+
+def _runs(on: np.ndarray) -> list[tuple[int, int]]:
+    """(first, last) indices of the runs of True in ``on``."""
+    if not on.any():
+        return []
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], on.view(np.int8), [0]])))
+    return list(zip(edges[0::2].tolist(), (edges[1::2] - 1).tolist(), strict=True))
+
+
+# --- cadence matching ----------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _Fit:
+    ok: bool  # consistent with everything seen so far
+    ended: bool  # ...but only if the pattern has stopped
+    truncated: bool  # the last burst was cut short
+    matched: int  # intervals matched within tolerance
+    error: float  # mean squared deviation in tolerances
+
+
+_MISFIT = _Fit(False, False, False, 0, 0.0)
+
+
+def _fit(cand: ToneCandidate, phase: int, closed: list[float], open_on: bool,
+         open_s: float, first: int = 0) -> _Fit:
+    """How well intervals (on, off, on, ... then an open one) fit ``cand`` at ``phase``.
+
+    Closed intervals before ``first`` are taken as already checked."""
+    if cand.continuous:
+        if len(closed) == 0:
+            return _Fit(True, False, False, 0, 0.0)
+        return _Fit(True, True, False, 1, 0.0) if len(closed) == 1 else _MISFIT
+    flat, m = cand.cadence, len(cand.cadence)
+    matched, error, truncated = 0, 0.0, False
+    for j in range(first, len(closed)):
+        d, e = closed[j], flat[(2 * phase + j) % m]
+        tol = tolerance_s(e)
+        if j == len(closed) - 1 and not open_on and d < e - tol:
+            truncated = True  # the last burst ended early: the tone stopped
+        elif abs(d - e) > tol:
+            return _MISFIT
+        else:
+            matched += 1
+            error += ((d - e) / tol) ** 2
+    e_open = flat[(2 * phase + len(closed)) % m]
+    overdue = open_s > e_open + tolerance_s(e_open)
+    if overdue and open_on:
+        return _MISFIT
+    return _Fit(True, overdue or truncated, truncated, matched, error / max(matched, 1))
+
+
+class _CadenceMatcher:
+    """Follows one group's bursts and decides which tone they are."""
+
+    def __init__(self, group: ToneGroup) -> None:
+        self.group = group
+        self._keys = [(c, p) for c in group.candidates
+                      for p in range(max(1, len(c.cadence) // 2))]
+        longest_on = max((max(c.cadence[0::2]) for c in group.candidates if c.cadence),
+                         default=0.0)
+        self.dial_confirm_s = max(DIAL_MIN_S, longest_on + tolerance_s(longest_on))
+        self.bursts: list[_Burst] = []
+        self.decided: tuple[ToneCandidate, int] | None = None
+        self.open_start: int | None = None
+        self.open_end = 0
+
+    def step(self, closed: list[_Burst], state: _OpenState, now: int) -> list[Tone]:
+        out: list[Tone] = []
+        for burst in closed:
+            if self.bursts:
+                gap_s = (burst.start - self.bursts[-1].end) / SAMPLE_RATE
+                out += self._check(None, gap_s, burst.loud_before)
+            self.bursts.append(burst)
+            out += self._check(None, 0.0, 0)
+        self.open_start, self.open_end = state.burst_start, state.burst_end
+        if state.burst_start is not None:
+            out += self._check(state.burst_start, (state.burst_end - state.burst_start)
+                               / SAMPLE_RATE, state.loud)
+        elif self.bursts:
+            out += self._check(None, (now - self.bursts[-1].end) / SAMPLE_RATE, state.loud)
+        return out
+
+    def finish(self) -> list[Tone]:
+        """The stream stopped: every pattern has ended."""
+        return self._check(None, float("inf"), 0) if self.bursts else []
+
+    def in_progress(self) -> Tone | None:
+        if self.decided is None:
+            return None
+        start = self.bursts[0].start if self.bursts else self.open_start
+        if start is None:
+            return None
+        end = self.open_end if self.open_start is not None else self.bursts[-1].end
+        return Tone(start, end, self.decided[0].tone)
+
+    # --- decisions ---------------------------------------------------------------------
+    def _intervals(self, open_start: int | None) -> list[float]:
+        out: list[float] = []
+        for i, b in enumerate(self.bursts):
+            if i:
+                out.append((b.start - self.bursts[i - 1].end) / SAMPLE_RATE)
+            out.append((b.end - b.start) / SAMPLE_RATE)
+        if open_start is not None and self.bursts:
+            out.append((open_start - self.bursts[-1].end) / SAMPLE_RATE)
+        return out
+
+    def _check(self, open_start: int | None, open_s: float, loud: int) -> list[Tone]:
+        """Re-judge the run; ``loud`` blocks of other sound in the last gap end it."""
+        out: list[Tone] = []
+        while self.bursts or (open_start is not None and self.decided is None):
+            closed = self._intervals(open_start)
+            on = open_start is not None
+            noisy = loud >= GAP_ACTIVITY_BLOCKS and bool(self.bursts)
+            if self.decided is not None:
+                cand, phase = self.decided
+                fit = _fit(cand, phase, closed, on, open_s, max(0, len(closed) - 2))
+                return out + self._follow(fit, noisy, on)
+            fits = {k: _fit(k[0], k[1], closed, on, open_s) for k in self._keys}
+            live = [k for k, f in fits.items() if f.ok and not f.ended and not noisy]
+            if live:
+                self._try_decide(live, fits, on, open_s)
+                return out
+            ended = [k for k, f in fits.items() if f.ok]
+            if ended or not self.bursts:
+                return out + self._final(ended, fits)
+            self.bursts.pop(0)  # fits nothing: forget the oldest burst and retry
+        return out
+
+    def _try_decide(self, live: list[tuple[ToneCandidate, int]],
+                    fits: dict[tuple[ToneCandidate, int], _Fit], on: bool,
+                    open_s: float) -> None:
+        def confirmed(k: tuple[ToneCandidate, int]) -> bool:
+            if k[0].continuous:
+                return on and not self.bursts and open_s >= self.dial_confirm_s
+            return fits[k].matched >= len(k[0].cadence)
+
+        done = [k for k in live if confirmed(k)]
+        if not done:
+            return
+        best = min(done, key=lambda k: (fits[k].error, TONE_NAMES.index(k[0].tone)))
+        if all(confirmed(k) or k[0].tone == best[0].tone for k in live):
+            self.decided = best
+            log.debug("tones: %s decided at %s", best[0].tone,
+                      self.bursts[0].start if self.bursts else self.open_start)
+
+    def _follow(self, fit: _Fit, noisy: bool, on: bool) -> list[Tone]:
+        """A decided tone: go on, end it, or split off a burst that breaks the cadence."""
+        if fit.ok and not fit.ended and not noisy:
+            return []
+        if fit.ok or on:
+            return self._emit(len(self.bursts))  # stopped (or an open burst breaks it)
+        out = self._emit(len(self.bursts) - 1)  # the newest burst breaks the cadence
+        return out + self._check(None, 0.0, 0)
+
+    def _final(self, ended: list[tuple[ToneCandidate, int]],
+               fits: dict[tuple[ToneCandidate, int], _Fit]) -> list[Tone]:
+        """The run stopped before a decision: report what it clearly was, if anything."""
+        done = [k for k in ended if not k[0].continuous and fits[k].matched >= len(k[0].cadence)]
+        if done:
+            self.decided = min(done, key=lambda k: (fits[k].error, TONE_NAMES.index(k[0].tone)))
+            return self._emit(len(self.bursts))
+        lone = self.bursts[0] if len(self.bursts) == 1 else None
+        dial = next((k for k in ended if k[0].continuous), None)
+        fits_cadence = any(fits[k].matched >= 1 for k in ended if not k[0].continuous)
+        if (lone is not None and dial is not None and not fits_cadence
+                and (lone.end - lone.start) / SAMPLE_RATE >= DIAL_MIN_S):
+            self.decided = dial
+            return self._emit(1)
+        self.bursts = []
+        return []
+
+    def _emit(self, count: int) -> list[Tone]:
+        """Report the first ``count`` bursts as the decided tone; keep the rest."""
+        done, self.bursts = self.bursts[:count], self.bursts[count:]
+        decided, self.decided = self.decided, None
+        if not done or decided is None:
+            return []
+        return [Tone(done[0].start, done[-1].end, decided[0].tone)]
+
+
+# --- the detector --------------------------------------------------------------------
+class ToneDetector:
+    """Streaming call-progress tone detector for one country's tone plan.
+
+    Implements the :class:`~drivers.dsp.events.Detector` protocol. Audio is buffered and
+    analysed ``batch_samples`` at a time (events come up to one batch late); timestamps
+    are line samples, independent of the batching.
+    """
+
+    def __init__(self, country: str = "DE", *,
+                 batch_samples: int = DEFAULT_BATCH_SAMPLES) -> None:
+        try:
+            self.plan = tone_plan(country)
+        except TonePlanError as exc:
+            raise CallProgressConfigError(f"ToneDetector: {exc}") from exc
+        if batch_samples < 1:
+            raise CallProgressConfigError(
+                f"ToneDetector: batch_samples {batch_samples} must be >= 1")
+        self.groups, self.reported_as = tone_groups(self.plan)
+        self._analyser = _BlockAnalyser(self.groups)
+        self._batch_samples = batch_samples
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget buffered audio and every tone in progress."""
+        self._trackers = [_BurstTracker() for _ in self.groups]
+        self._matchers = [_CadenceMatcher(g) for g in self.groups]
+        self._pending: list[np.ndarray] = []
+        self._pending_len = 0
+        self._next_sample: int | None = None
+        self._block_start = 0  # line sample of the first unanalysed block
+
+    def feed(self, sample: int, pcm: np.ndarray) -> list[DetectorEvent]:
+        """Consume ``pcm`` (int16, 8 kHz) starting at line sample ``sample``."""
+        events: list[DetectorEvent] = []
+        if self._next_sample is not None and sample != self._next_sample:
+            log.debug("tones: timeline jump %d -> %d", self._next_sample, sample)
+            events += self.flush()
+        if self._next_sample is None:
+            self._block_start = sample
+        self._next_sample = sample + len(pcm)
+        self._pending.append(np.asarray(pcm))
+        self._pending_len += len(pcm)
+        if self._pending_len >= self._batch_samples:
+            events += self._process()
+        return events
+
+    def flush(self) -> list[DetectorEvent]:
+        """Analyse what is buffered and end every pattern (the stream stops); resets."""
+        events: list[DetectorEvent] = list(self._process())
+        for tracker, matcher in zip(self._trackers, self._matchers, strict=True):
+            closed = tracker.close()
+            events += matcher.step(closed, tracker.state(), self._block_start)
+            events += matcher.finish()
+        self.reset()
+        return sorted(events, key=_event_sample)
+
+    def in_progress(self) -> Tone | None:
+        """The decided tone still going on (``end_sample`` = its latest burst end)."""
+        tones = [t for m in self._matchers if (t := m.in_progress()) is not None]
+        return max(tones, key=_event_sample) if tones else None
+
+    def tone_on(self) -> bool:
+        """True when a burst of one of the plan's tones is under way."""
+        return any(t.open_start is not None for t in self._trackers)
+
+    def last_tone_end(self) -> int | None:
+        """End sample of the latest tone burst seen (open bursts: so far)."""
+        ends = [t.open_end for t in self._trackers if t.open_end]
+        return max(ends) if ends else None
+
+    def analysed_to(self) -> int:
+        """Line sample up to which audio has been analysed."""
+        return self._block_start
+
+    def _process(self) -> list[DetectorEvent]:
+        if not self._pending:
+            return []
+        buf = np.concatenate(self._pending).astype(np.float64, copy=False)
+        n_blocks = len(buf) // BLOCK_LEN
+        used = n_blocks * BLOCK_LEN
+        self._pending = [buf[used:]] if used < len(buf) else []
+        self._pending_len = len(buf) - used
+        if n_blocks == 0:
+            return []
+        chosen, ac = self._analyser.analyse(buf[:used].reshape(n_blocks, BLOCK_LEN))
+        start, self._block_start = self._block_start, self._block_start + used
+        events: list[DetectorEvent] = []
+        for g, (tracker, matcher) in enumerate(zip(self._trackers, self._matchers,
+                                                   strict=True)):
+            closed = tracker.process(start, chosen == g, ac)
+            events += matcher.step(closed, tracker.state(), self._block_start)
+        return sorted(events, key=_event_sample)
+
+
+def _event_sample(event: DetectorEvent) -> int:
+    return event.sample

@@ -1,0 +1,246 @@
+"""DtmfDetector against ITU-T Q.24 / ETSI ES 201 235-3 receiver figures, on own vectors.
+
+Levels are dBFS per tone (0 dBFS = full-scale sine). Reject checks sit beyond the accept
+points with margins: offset 1.5 % accept / 3.5 % reject (limit 2.5 %); normal twist 8 dB
+accept / 10 dB reject (limit 9 dB); reverse twist 4 dB accept / 6 dB reject (limit 5 dB).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from drivers.dsp.dtmf import BLOCK_LEN, DtmfDetector
+from drivers.dsp.events import DtmfDigit
+from drivers.dsp.goertzel import GoertzelBank
+from tests.drivers.dsp import vectors as v
+
+ALL_DIGITS = "123A456B789C*0#D"
+ROWS = ("123A", "456B", "789C", "*0#D")
+COLS = ("147*", "2580", "369#", "ABCD")
+
+
+def detect(x: np.ndarray, frame: int = 160, start: int = 0) -> list[DtmfDigit]:
+    """Feed ``x`` in frames on a timeline starting at ``start``, then 100 ms of silence."""
+    pcm = np.concatenate([v.to_int16(x), np.zeros(800, dtype=np.int16)])
+    det = DtmfDetector()
+    events = []
+    for i in range(0, len(pcm), frame):
+        events += det.feed(start + i, pcm[i:i + frame])
+    assert all(isinstance(e, DtmfDigit) for e in events)
+    return events
+
+
+def digits(x: np.ndarray, **kw: int) -> str:
+    return "".join(e.digit for e in detect(x, **kw))
+
+
+def framed(tone: np.ndarray, lead_s: float = 0.1) -> np.ndarray:
+    return np.concatenate([v.silence(lead_s), tone, v.silence(0.1)])
+
+
+def test_goertzel_bank_matches_the_dft() -> None:
+    rng = np.random.default_rng(1)
+    blocks = rng.normal(size=(3, 52))
+    freqs = (697.0, 1633.0, 2000.0)
+    bank = GoertzelBank(freqs, 52, window=np.hamming(52))
+    n = np.arange(52)
+    expected = (blocks * np.hamming(52)) @ np.exp(-2j * np.pi * np.outer(n, freqs) / 8000)
+    assert np.allclose(bank.analyse(blocks), expected)
+    joined = bank.analyse(blocks[:1]) + bank.analyse(blocks[1:2]) * bank.block_rotation()
+    whole = np.concatenate([blocks[0] * np.hamming(52), blocks[1] * np.hamming(52)])
+    assert np.allclose(joined[0], whole @ np.exp(-2j * np.pi * np.outer(np.arange(104), freqs)
+                                                 / 8000))
+
+
+def test_every_digit_with_sample_accurate_bounds() -> None:
+    tone_s, gap_s, lead_s = 0.06, 0.06, 0.1
+    events = detect(v.dtmf_string(ALL_DIGITS, tone_s, gap_s, lead_s=lead_s))
+    assert "".join(e.digit for e in events) == ALL_DIGITS
+    for i, e in enumerate(events):
+        onset = v.samples(lead_s + i * (tone_s + gap_s))
+        assert abs(e.sample - onset) <= BLOCK_LEN
+        assert e.end_sample is not None
+        assert abs(e.end_sample - (onset + v.samples(tone_s))) <= BLOCK_LEN
+
+
+@pytest.mark.parametrize("frame", [1, 37, 160, 1000, 4096])
+def test_any_frame_length_gives_the_same_events(frame: int) -> None:
+    x = v.dtmf_string("9A0#", 0.05, 0.05)
+    assert detect(x, frame=frame) == detect(x, frame=160)
+
+
+def test_events_are_on_the_callers_timeline() -> None:
+    x = v.dtmf_string("58")
+    base = detect(x)
+    shifted = detect(x, start=1_000_003)
+    assert [(e.sample + 1_000_003, e.end_sample + 1_000_003) for e in base if e.end_sample] == [
+        (e.sample, e.end_sample) for e in shifted]
+
+
+@pytest.mark.parametrize("offset", [0.015, -0.015])
+def test_frequency_offset_of_1_5_percent_is_accepted(offset: float) -> None:
+    for d in ALL_DIGITS:
+        assert digits(framed(v.dtmf(d, 0.05, row_offset=offset))) == d, (d, "row")
+        assert digits(framed(v.dtmf(d, 0.05, col_offset=offset))) == d, (d, "col")
+        assert digits(framed(v.dtmf(d, 0.05, row_offset=offset, col_offset=offset))) == d
+
+
+@pytest.mark.parametrize("offset", [0.035, -0.035])
+def test_frequency_offset_of_3_5_percent_is_rejected(offset: float) -> None:
+    for d in ALL_DIGITS:
+        assert digits(framed(v.dtmf(d, 0.2, row_offset=offset))) == "", (d, "row")
+        assert digits(framed(v.dtmf(d, 0.2, col_offset=offset))) == "", (d, "col")
+
+
+@pytest.mark.parametrize(("twist_db", "accepted"),
+                         [(8.0, True), (-4.0, True), (10.0, False), (-6.0, False)])
+def test_twist(twist_db: float, accepted: bool) -> None:
+    for d in ALL_DIGITS:
+        got = digits(framed(v.dtmf(d, 0.06, twist_db=twist_db)))
+        assert got == (d if accepted else ""), (d, twist_db)
+
+
+def test_dynamic_range_of_38_db() -> None:
+    for level in (-7.0, -15.0, -25.0, -35.0, -45.0):
+        got = "".join(digits(framed(v.dtmf(d, 0.05, level_dbfs=level))) for d in ALL_DIGITS)
+        assert got == ALL_DIGITS, level
+
+
+def test_tones_below_the_sensitivity_floor_are_ignored() -> None:
+    assert digits(framed(v.dtmf("5", 0.1, level_dbfs=-55.0))) == ""
+
+
+@pytest.mark.parametrize("lead", range(0, 104, 13))
+def test_40_ms_detected_and_20_ms_rejected_at_any_block_alignment(lead: int) -> None:
+    lead_s = 0.1 + lead / v.RATE
+    assert digits(framed(v.dtmf("5", 0.040), lead_s)) == "5"
+    assert digits(framed(v.dtmf("D", 0.040), lead_s)) == "D"
+    assert digits(framed(v.dtmf("5", 0.020), lead_s)) == ""
+    assert digits(framed(v.dtmf("D", 0.020), lead_s)) == ""
+
+
+@pytest.mark.parametrize("lead", range(0, 104, 13))
+def test_gaps_of_10_ms_are_bridged_and_30_ms_separate(lead: int) -> None:
+    lead_s = 0.1 + lead / v.RATE
+
+    def broken(gap_s: float) -> np.ndarray:
+        tone = v.dtmf("7", 0.1 + gap_s)  # 50 ms, gap, 50 ms; phase runs on through the gap
+        cut = v.samples(0.05)
+        tone[cut:cut + v.samples(gap_s)] = 0.0
+        return framed(tone, lead_s)
+
+    assert digits(broken(0.010)) == "7"
+    assert digits(broken(0.030)) == "77"
+
+
+def test_white_noise_at_15_db_snr() -> None:
+    for seed in range(3):
+        for d in ALL_DIGITS:
+            tone = v.dtmf(d, 0.045, level_dbfs=-12.0)
+            x = framed(tone)
+            rms = np.sqrt(np.mean(tone * tone) / 10 ** 1.5)
+            assert digits(x + v.white_noise(len(x), rms, seed)) == d, (d, seed)
+
+
+def test_worst_corner_twist_offset_and_noise_together() -> None:
+    """8 dB twist, 1.5 % offset on both tones and 15 dB S/N at once, 60 ms tones."""
+    for d in ALL_DIGITS:
+        tone = v.dtmf(d, 0.06, twist_db=8.0, row_offset=-0.015, col_offset=0.015)
+        x = framed(tone)
+        rms = np.sqrt(np.mean(tone * tone) / 10 ** 1.5)
+        assert digits(x + v.white_noise(len(x), rms, 7)) == d
+
+
+def test_noise_alone_gives_no_digits() -> None:
+    assert digits(v.white_noise(v.samples(20.0), 3000.0, 11)) == ""
+
+
+def test_music_gives_no_digits() -> None:
+    """Chords and arpeggios with harmonics, including F5 + F#6 (within 0.2 % of '3')."""
+    for seed in range(6):
+        assert digits(v.music_like(20.0, seed)) == "", seed
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
+    """espeak-ng speech in six languages, resampled to 8 kHz by sox."""
+    if not (shutil.which("espeak-ng") and shutil.which("sox")):
+        pytest.skip("espeak-ng and sox are needed for the talk-off test")
+    texts = {
+        "en": "Good morning, this is the service desk. Your car is ready, the invoice is "
+              "four hundred and twelve dollars. Please call us back at nine.",
+        "de": "Guten Tag, hier ist das Autohaus. Ihr Wagen ist fertig, Sie können ihn "
+              "morgen früh abholen. Die Rechnung beträgt dreihundert Euro.",
+        "fr": "Bonjour, je vous appelle au sujet de la voiture. Pouvez-vous me rappeler "
+              "demain matin, s'il vous plaît? Merci beaucoup.",
+        "es": "Buenos días, le llamo por el coche nuevo. ¿Puede devolverme la llamada "
+              "mañana por la tarde? Muchas gracias.",
+        "it": "Buongiorno, la chiamo per la macchina. Può richiamarmi domani mattina per "
+              "favore? Grazie mille, arrivederci.",
+        "nl": "Goedemiddag, u spreekt met de garage. Uw auto staat klaar, u kunt hem "
+              "morgen ophalen. Tot ziens.",
+    }
+    out: dict[str, np.ndarray] = {}
+    tmp: Path = tmp_path_factory.mktemp("speech")
+    for lang, text in texts.items():
+        wav, raw = tmp / f"{lang}.wav", tmp / f"{lang}.raw"
+        subprocess.run(["espeak-ng", "-v", lang, "-w", str(wav), text], check=True)
+        subprocess.run(["sox", str(wav), "-r", "8000", "-b", "16", "-e", "signed", "-c", "1",
+                        "-t", "raw", str(raw)], check=True)
+        out[lang] = np.fromfile(raw, dtype=np.int16).astype(np.float64)
+    return out
+
+
+@pytest.mark.parametrize("lang", ["en", "de", "fr", "es", "it", "nl"])
+def test_speech_gives_no_digits(speech: dict[str, np.ndarray], lang: str) -> None:
+    x = speech[lang]
+    assert len(x) > v.RATE  # more than a second of speech
+    for gain in (1.0, 0.3, 0.05):
+        assert digits(x * gain) == "", gain
+    # DTMF keyed over speech is still found
+    mixed = x * 0.05
+    tone = v.dtmf("4", 0.08, level_dbfs=-10.0)
+    at = len(mixed) // 3
+    mixed[at:at + len(tone)] += tone
+    assert digits(mixed) == "4"
+
+
+def test_reset_forgets_a_digit_in_progress() -> None:
+    det = DtmfDetector()
+    pcm = v.to_int16(v.dtmf("1", 0.2))
+    det.feed(0, pcm[:1000])
+    det.reset()
+    assert det.feed(1000, np.zeros(2000, dtype=np.int16)) == []
+
+
+def test_timeline_jump_ends_the_digit_in_progress() -> None:
+    det = DtmfDetector()
+    pcm = v.to_int16(v.dtmf("6", 0.1))
+    events = det.feed(0, pcm)
+    events += det.feed(50_000, np.zeros(2000, dtype=np.int16))
+    assert [e.digit for e in events] == ["6"]
+    assert isinstance(events[0], DtmfDigit)
+    assert events[0].end_sample is not None and events[0].end_sample <= len(pcm) + BLOCK_LEN
+
+
+@pytest.mark.skipif(not (shutil.which("multimon-ng") and shutil.which("sox")),
+                    reason="multimon-ng and sox are the independent checker")
+def test_agrees_with_multimon_ng_on_clean_strings(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    text = "".join(rng.choice(list(ALL_DIGITS), size=24))
+    x = v.dtmf_string(text, 0.07, 0.07)
+    raw8, raw22 = tmp_path / "d8.raw", tmp_path / "d22.raw"
+    v.to_int16(x).tofile(raw8)
+    subprocess.run(["sox", "-t", "raw", "-r", "8000", "-e", "signed", "-b", "16", "-c", "1",
+                    str(raw8), "-t", "raw", "-r", "22050", str(raw22)], check=True)
+    out = subprocess.run(["multimon-ng", "-q", "-c", "-a", "DTMF", "-t", "raw", str(raw22)],
+                         check=True, capture_output=True, text=True).stdout
+    theirs = "".join(line.split(":")[1].strip() for line in out.splitlines()
+                     if line.startswith("DTMF:"))
+    assert theirs == text
+    assert digits(x) == text

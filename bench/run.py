@@ -17,7 +17,7 @@ import argparse
 import json
 import os
 import platform
-import resource
+import re
 import subprocess
 import sys
 import tempfile
@@ -110,25 +110,35 @@ def write_config(work: Path, lines: int, scenario: Path, name: str) -> Path:
     for index in range(lines):
         text.append(f'[[lines]]\nid = "line{index + 1}"\nbackend = "sim"\n[lines.options]\n'
                     f'scenario = "{scenario}"\nspeed = 0.0\n')
-    path = work / f"{name}.toml"
+    path = work / f"{name}.config.toml"
     path.write_text("\n".join(text))
     return path
 
 
-def run_daemon(config: Path) -> float:
-    """Run the recorder until its lines end; return wall seconds."""
+def run_daemon(config: Path) -> tuple[float, float]:
+    """Run the recorder until its lines end; return (wall seconds, its own peak RSS in MB).
+
+    The daemon logs its peak RSS at stop; the parent's RUSAGE_CHILDREN would count the
+    parent's pages that fork copied before exec.
+    """
     start = time.monotonic()
-    subprocess.run([sys.executable, "-m", "firmware.cli", "run", "--config", str(config),
-                    "--until-lines-end"], check=True, cwd=REPO, stderr=subprocess.DEVNULL)
-    return time.monotonic() - start
+    done = subprocess.run([sys.executable, "-m", "firmware.cli", "run", "--config",
+                           str(config), "--until-lines-end"], check=True, cwd=REPO,
+                          stderr=subprocess.PIPE, text=True)
+    wall_s = time.monotonic() - start
+    match = re.search(r"peak_rss_kib=(\d+)", done.stderr)
+    if match is None:
+        raise RuntimeError("the daemon did not log its peak RSS")
+    return wall_s, int(match.group(1)) / 1024
 
 
 def bench_rss(work: Path) -> dict[str, float]:
     scenario = work / "rss.toml"
     scenario.write_text(scenario_text(call_minutes=3, calls=6, gap_s=5))
-    wall_s = run_daemon(write_config(work, 4, scenario, "rss"))
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"lines": 4, "peak_rss_mb": peak_kib / 1024, "wall_s": wall_s}
+    wall_s, peak_mb = run_daemon(write_config(work, 4, scenario, "rss"))
+    _one_s, one_mb = run_daemon(write_config(work, 1, scenario, "rss1"))
+    return {"lines": 4, "peak_rss_mb": peak_mb, "wall_s": wall_s,
+            "peak_rss_mb_one_line": one_mb}
 
 
 def sectors_written(path: Path) -> int:
@@ -145,7 +155,7 @@ def bench_writes(work: Path) -> dict[str, float]:
     config = write_config(work, 1, scenario, "writes")
     os.sync()
     before = sectors_written(work)
-    wall_s = run_daemon(config)
+    wall_s, _ = run_daemon(config)
     os.sync()
     written = (sectors_written(work) - before) * 512
     time.sleep(0.1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import resource
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,10 +43,9 @@ class ApplianceError(Exception):
 
 def default_detectors() -> list[Detector]:
     """The live detectors every line runs (DTMF digits, caller ID)."""
-    from drivers.dsp.callerid import CallerIdDetector
-    from drivers.dsp.dtmf import DtmfDetector
+    from drivers.dsp.analyzer import LineAnalyzer
 
-    return [DtmfDetector(), CallerIdDetector()]
+    return [LineAnalyzer()]
 
 
 @dataclass
@@ -142,6 +142,9 @@ class Appliance:
             self.catalogue = None
         for error in errors:
             log.error("%s", error)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        log.info("stopped: peak_rss_kib=%d cpu_s=%.2f", usage.ru_maxrss,
+                 usage.ru_utime + usage.ru_stime)
         return 1 if errors else 0
 
     def checkpoint(self) -> None:

@@ -143,7 +143,7 @@ class Appliance:
         for error in errors:
             log.error("%s", error)
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        log.info("stopped: peak_rss_kib=%d cpu_s=%.2f", usage.ru_maxrss,
+        log.info("stopped: peak_rss_kib=%d cpu_s=%.2f", _peak_rss_kib(),
                  usage.ru_utime + usage.ru_stime)
         return 1 if errors else 0
 
@@ -172,6 +172,17 @@ class Appliance:
         finally:
             engine.shutdown("shutdown" if runner.error is None else "line_error")
             runner.done.set()
+
+
+def _peak_rss_kib() -> int:
+    """VmHWM of this process image (ru_maxrss would carry a pre-exec peak over)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _config_hash(cfg: Config) -> str:

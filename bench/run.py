@@ -85,7 +85,7 @@ def bench_cpu(work: Path, detectors: bool) -> dict[str, float]:
                                 recipients=[Identity.generate().recipient])
     recorder = CallRecorder(catalogue, PlaceholderPolicy(), settings, clock=clock, new_id=ids.new)
     engine = CallEngine("bench", recorder, clock=clock, new_id=ids.new,
-                        detectors=default_detectors() if detectors else [])
+                        detectors=default_detectors("DE") if detectors else [])
     start = time.process_time()
     for item in items:
         engine.feed(item)  # type: ignore[arg-type]

@@ -147,6 +147,14 @@ def cmd_sim_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from drivers.dsp.analyzer import LineAnalyzer
+    from firmware.analyze import analyze_file
+
+    analyze_file(args.file, LineAnalyzer(country=args.country), sys.stdout, as_json=args.json)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from firmware.demo import run_demo
 
@@ -159,6 +167,17 @@ def _existing_file(value: str) -> Path:
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"{value}: no such file")
     return path
+
+
+def _country(value: str) -> str:
+    from drivers.toneplan import countries
+
+    code = value.upper()
+    code = "UK" if code == "GB" else code
+    if code not in countries():
+        raise argparse.ArgumentTypeError(
+            f"unknown country {value!r}; known: {', '.join(sorted(countries()))}")
+    return code
 
 
 def _positive(value: str) -> float:
@@ -234,6 +253,12 @@ def build_parser() -> _Parser:
     p.add_argument("scenario", type=_existing_file)
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--events", type=Path, default=None, help="also write signals as JSON lines")
+
+    p = add("analyze", cmd_analyze, "what the line detectors hear in a WAV file")
+    p.add_argument("file", type=_existing_file, help="8 kHz WAV")
+    p.add_argument("--country", type=_country, default="US",
+                   help="tone plan and caller-ID defaults (default US)")
+    p.add_argument("--json", action="store_true", help="one JSON object per event")
 
     p = add("demo", cmd_demo, "the one-command tour: a dealer's day on the simulated line")
     p.add_argument("--out", type=Path, default=None, help="keep the demo files here")

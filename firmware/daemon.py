@@ -41,11 +41,11 @@ class ApplianceError(Exception):
     """The appliance cannot start or had to stop (one-line message)."""
 
 
-def default_detectors() -> list[Detector]:
-    """The live detectors every line runs (DTMF digits, caller ID)."""
+def default_detectors(country: str) -> list[Detector]:
+    """The live detectors every line runs: digits, caller ID, tones, voice, answer."""
     from drivers.dsp.analyzer import LineAnalyzer
 
-    return [LineAnalyzer()]
+    return [LineAnalyzer(country)]
 
 
 @dataclass
@@ -63,7 +63,7 @@ class Appliance:
     """Everything ``edge-recorder run`` runs, with its clock and policy injected."""
 
     def __init__(self, config: Config, *, clock: Clock, policy: PolicyHook | None = None,
-                 detectors: Callable[[], Sequence[Detector]] = default_detectors,
+                 detectors: Callable[[str], Sequence[Detector]] = default_detectors,
                  notifier: Notifier | None = None) -> None:
         self.config = config
         self.clock = clock
@@ -101,7 +101,8 @@ class Appliance:
             recorder = CallRecorder(self.catalogue, self.policy, settings, clock=self.clock,
                                     new_id=self.ids.new)
             engine = CallEngine(line_cfg.id, recorder, clock=self.clock, new_id=self.ids.new,
-                                limits=limits, detectors=self.detectors())
+                                limits=limits,
+                                detectors=self.detectors(cfg.line_country(line_cfg)))
             self.runners.append(LineRunner(line, engine, recorder))
         for runner in self.runners:
             runner.thread = threading.Thread(target=self._line_loop, args=(runner,),

@@ -29,9 +29,11 @@ The tone definitions come only from :mod:`drivers.toneplan`. Signal path:
    A run ends when the gap exceeds the cadence's off time plus tolerance, when the gap
    holds ``GAP_ACTIVITY_BLOCKS`` of other sound within ``GAP_ACTIVITY_DB`` of the tone
    (DTMF after the dial tone, the far end's voice after ringback), or when a burst breaks
-   the cadence. A single burst that fits no cadence but is >= ``DIAL_MIN_S`` long is a
-   (continuous) dial tone; a single burst that also fits a cadenced tone is ambiguous
-   and not reported.
+   the cadence. A burst that starts on time but lasts too long is another tone following
+   without a pause (ringback, then busy): it is cut where the cadence says the burst
+   ends. A single burst that fits no cadence but is >= ``DIAL_MIN_S`` long is a
+   (continuous) dial tone; a single burst that also fits a cadenced tone (a 1 s DE dial
+   tone, or ringback answered after one burst) is ambiguous and not reported.
 
 Events: ``Tone(sample, end_sample, tone)`` once the pattern has stopped, with ``sample``
 the first block of the first burst (within one block of the onset) and ``end_sample`` the
@@ -77,7 +79,7 @@ DIAL_MIN_S = 0.6  # a lone steady burst at least this long can be a dial tone
 # below the tone's level (the white noise of a 15 dB S/N line stays 15 dB below).
 GAP_ACTIVITY_DB = -10.0
 GAP_ACTIVITY_BLOCKS = 3
-DEFAULT_BATCH_SAMPLES = 1600  # 200 ms: numpy work per call stays large
+DEFAULT_BATCH_SAMPLES = 3200  # 400 ms: numpy call overhead per line stays small
 
 
 class CallProgressError(Exception):
@@ -114,6 +116,13 @@ class ToneGroup:
     candidates: tuple[ToneCandidate, ...]
 
 
+def _atoms(spec: ToneSpec) -> list[tuple[float, ...]]:
+    """A tone's frequencies that must share a band: an AM carrier with its sidebands."""
+    if not spec.am_hz:
+        return [(f,) for f in spec.freqs_hz]
+    return [tuple(sorted(_spec_freqs(spec)))]
+
+
 def _spec_freqs(spec: ToneSpec) -> tuple[float, ...]:
     """Frequencies that carry a tone's energy: AM adds the carrier's two sidebands."""
     if not spec.am_hz:
@@ -122,14 +131,15 @@ def _spec_freqs(spec: ToneSpec) -> tuple[float, ...]:
     return (*spec.freqs_hz, carrier - spec.am_hz, carrier + spec.am_hz)
 
 
-def _bands(freqs: list[float]) -> list[tuple[float, ...]]:
-    """Single-linkage clusters of ``freqs`` at ``BAND_MERGE_HZ``."""
+def _bands(atoms: list[tuple[float, ...]]) -> list[tuple[float, ...]]:
+    """Frequencies clustered into bands: ``atoms`` (one tone's carrier and sidebands, or a
+    single frequency) closer than ``BAND_MERGE_HZ`` to each other share a band."""
     bands: list[list[float]] = []
-    for f in sorted(set(freqs)):
-        if bands and f - bands[-1][-1] < BAND_MERGE_HZ:
-            bands[-1].append(f)
+    for atom in sorted(set(atoms)):
+        if bands and atom[0] - bands[-1][-1] < BAND_MERGE_HZ:
+            bands[-1] = sorted({*bands[-1], *atom})
         else:
-            bands.append([f])
+            bands.append(sorted(atom))
     return [tuple(b) for b in bands]
 
 
@@ -140,7 +150,8 @@ def tone_groups(plan: TonePlan) -> tuple[list[ToneGroup], dict[str, str]]:
     and cadence equal an earlier tone's (e.g. ``{"congestion": "busy"}`` for PL).
     """
     specs = {name: getattr(plan, name) for name in TONE_NAMES}
-    bands = _bands([f for spec in specs.values() for f in _spec_freqs(spec)])
+    atoms = [a for spec in specs.values() for a in _atoms(spec)]
+    bands = _bands(atoms)
     band_of = {f: i for i, band in enumerate(bands) for f in band}
     by_key: dict[frozenset[int], list[ToneCandidate]] = {}
     reported_as: dict[str, str] = {}
@@ -180,8 +191,14 @@ class _BlockAnalyser:
                 measures.append(freqs)
             return measures.index(freqs)
 
-        self._band_idx = [[index(b) for b in g.bands] for g in groups]
-        self._group_idx = [index(tuple(f for b in g.bands for f in b)) for g in groups]
+        def union(bands: tuple[tuple[float, ...], ...]) -> tuple[float, ...]:
+            return tuple(f for b in bands for f in b)
+
+        self._group_idx = [index(union(g.bands)) for g in groups]
+        # per band of a multi-band group: the other bands' subspace; the band's own share is
+        # what the group holds beyond it (a 400 Hz tone leaks 40 % into a 440+450 Hz basis)
+        self._rest_idx = [[index(union(g.bands[:i] + g.bands[i + 1:])) for i in range(len(g.bands))]
+                          if len(g.bands) > 1 else [] for g in groups]
         bases = [_basis(freqs) for freqs in measures]
         self._matrix = np.hstack(bases)
         self._starts = np.cumsum([0] + [b.shape[1] for b in bases[:-1]])
@@ -189,17 +206,25 @@ class _BlockAnalyser:
         amp = FULL_SCALE * 10.0 ** (MIN_TONE_DBFS / 20.0)
         self._floor = BLOCK_LEN * amp * amp / 2.0  # energy of a floor-level sine
 
-    def analyse(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(chosen group per block, AC energy per block) of float64 ``blocks``."""
+    def analyse(self, blocks: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """(chosen group per block, AC energy per block) of float64 ``blocks``.
+
+        The first value is None when no block holds a tone (the common case: speech,
+        silence), so callers can skip their per-group work."""
         sums = blocks.sum(axis=1)
         ac = np.einsum("ij,ij->i", blocks, blocks) - sums * sums / BLOCK_LEN
+        if float(ac.max()) < self._floor:
+            return None, ac
         y = blocks @ self._matrix
         energy = np.add.reduceat(y * y, self._starts, axis=1)
         group_e = energy[:, self._group_idx]
         ok = (group_e >= MIN_PURITY * ac[:, None]) & (group_e >= self._floor)
-        for g, bands in enumerate(self._band_idx):
-            if len(bands) > 1:
-                ok[:, g] &= (energy[:, bands] >= MIN_BAND_SHARE * group_e[:, g:g + 1]).all(1)
+        if not ok.any():
+            return None, ac
+        for g, rest in enumerate(self._rest_idx):
+            if rest:
+                own = group_e[:, g:g + 1] - energy[:, rest]
+                ok[:, g] &= (own >= MIN_BAND_SHARE * group_e[:, g:g + 1]).all(axis=1)
         score = np.where(ok, self._n_bands + group_e / np.maximum(ac, 1e-9)[:, None], 0.0)
         chosen = np.where(ok.any(axis=1), score.argmax(axis=1), -1)
         return chosen, ac
@@ -221,6 +246,7 @@ class _OpenState:
     burst_start: int | None  # a burst in progress (>= MIN_BURST_S long), else None
     burst_end: int
     loud: int  # other sound since the last burst (gap) or before the open burst
+    gap_end: int | None = None  # start of a burst too young to count: the gap ends there
 
 
 class _BurstTracker:
@@ -238,6 +264,7 @@ class _BurstTracker:
         self._gap_loud = 0  # other sound since the last on-block
         self._carry_loud = 0  # other sound before it that a dropped burst took along
         self._level = 0.0  # energy of the last burst (reference for "other sound")
+        self.last_burst_end: int | None = None  # of the latest burst >= MIN_BURST_S
 
     def process(self, start: int, on: np.ndarray, ac: np.ndarray) -> list[_Burst]:
         """Closed bursts found in a batch of blocks starting at sample ``start``."""
@@ -269,11 +296,21 @@ class _BurstTracker:
             closed.extend(self._close())
         return closed
 
+    @property
+    def idle(self) -> bool:
+        """No burst in progress."""
+        return self.open_start is None
+
+    def skip(self, n_blocks: int) -> None:
+        """Blocks without any tone while idle (only the gap's length matters)."""
+        self._off_blocks += n_blocks
+
     def state(self) -> _OpenState:
         if self.open_start is not None and self._open_blocks >= self._min_blocks:
             return _OpenState(self.open_start, self.open_end, self._carry_loud + self._open_loud)
-        pending = self._open_blocks + self._open_loud if self.open_start is not None else 0
-        return _OpenState(None, self.open_end, self._carry_loud + pending + self._gap_loud)
+        before = self._open_loud if self.open_start is not None else 0  # a burst starting
+        return _OpenState(None, self.open_end, self._carry_loud + before + self._gap_loud,
+                          self.open_start)
 
     def close(self) -> list[_Burst]:
         """End the burst in progress (the stream stops)."""
@@ -289,6 +326,8 @@ class _BurstTracker:
         self.open_end = start + (b + 1) * BLOCK_LEN
         self._open_energy += float(ac[a:b + 1].sum())
         self._open_blocks += b + 1 - a
+        if self._open_blocks >= self._min_blocks:
+            self.last_burst_end = self.open_end
 
     def _close(self) -> list[_Burst]:
         if self.open_start is None:
@@ -366,26 +405,47 @@ class _CadenceMatcher:
         self.decided: tuple[ToneCandidate, int] | None = None
         self.open_start: int | None = None
         self.open_end = 0
+        self._cut: tuple[int, int] | None = None  # (burst start, where it was cut)
 
     def step(self, closed: list[_Burst], state: _OpenState, now: int) -> list[Tone]:
         out: list[Tone] = []
-        for burst in closed:
+        for burst in map(self._after_cut, closed):
             if self.bursts:
                 gap_s = (burst.start - self.bursts[-1].end) / SAMPLE_RATE
                 out += self._check(None, gap_s, burst.loud_before)
             self.bursts.append(burst)
             out += self._check(None, 0.0, 0)
-        self.open_start, self.open_end = state.burst_start, state.burst_end
-        if state.burst_start is not None:
-            out += self._check(state.burst_start, (state.burst_end - state.burst_start)
-                               / SAMPLE_RATE, state.loud)
+        start = state.burst_start
+        if start is not None and self._cut is not None and start == self._cut[0]:
+            start = self._cut[1]  # the rest of a burst cut between two tones
+        self.open_start, self.open_end = start, state.burst_end
+        if start is not None and state.burst_end > start:
+            out += self._check(start, (state.burst_end - start) / SAMPLE_RATE, state.loud)
         elif self.bursts:
-            out += self._check(None, (now - self.bursts[-1].end) / SAMPLE_RATE, state.loud)
+            gap_end = now if state.gap_end is None else state.gap_end
+            out += self._check(None, (gap_end - self.bursts[-1].end) / SAMPLE_RATE, state.loud)
         return out
+
+    def _after_cut(self, burst: _Burst) -> _Burst:
+        """The part of a closed burst after the cut made while it was open."""
+        if self._cut is None or burst.start != self._cut[0]:
+            return burst
+        cut, self._cut = self._cut[1], None
+        return _Burst(cut, burst.end, burst.energy, 0)
 
     def finish(self) -> list[Tone]:
         """The stream stopped: every pattern has ended."""
         return self._check(None, float("inf"), 0) if self.bursts else []
+
+    def next_due(self) -> int | None:
+        """Latest sample at which the decided tone's next burst may start, while in a gap."""
+        if self.decided is None or not self.bursts or self.open_start is not None:
+            return None
+        cand, phase = self.decided
+        if cand.continuous:
+            return None
+        off_s = cand.cadence[(2 * phase + 2 * len(self.bursts) - 1) % len(cand.cadence)]
+        return self.bursts[-1].end + round((off_s + tolerance_s(off_s)) * SAMPLE_RATE)
 
     def in_progress(self) -> Tone | None:
         if self.decided is None:
@@ -415,9 +475,7 @@ class _CadenceMatcher:
             on = open_start is not None
             noisy = loud >= GAP_ACTIVITY_BLOCKS and bool(self.bursts)
             if self.decided is not None:
-                cand, phase = self.decided
-                fit = _fit(cand, phase, closed, on, open_s, max(0, len(closed) - 2))
-                return out + self._follow(fit, noisy, on)
+                return out + self._follow(closed, open_start, open_s, noisy)
             fits = {k: _fit(k[0], k[1], closed, on, open_s) for k in self._keys}
             live = [k for k, f in fits.items() if f.ok and not f.ended and not noisy]
             if live:
@@ -446,14 +504,35 @@ class _CadenceMatcher:
             log.debug("tones: %s decided at %s", best[0].tone,
                       self.bursts[0].start if self.bursts else self.open_start)
 
-    def _follow(self, fit: _Fit, noisy: bool, on: bool) -> list[Tone]:
-        """A decided tone: go on, end it, or split off a burst that breaks the cadence."""
+    def _follow(self, closed: list[float], open_start: int | None, open_s: float,
+                noisy: bool) -> list[Tone]:
+        """A decided tone: go on, end it, or cut it where its cadence broke."""
+        cand, phase = self.decided or (None, 0)
+        assert cand is not None
+        on = open_start is not None
+        fit = _fit(cand, phase, closed, on, open_s, max(0, len(closed) - 2))
         if fit.ok and not fit.ended and not noisy:
             return []
-        if fit.ok or on:
-            return self._emit(len(self.bursts))  # stopped (or an open burst breaks it)
-        out = self._emit(len(self.bursts) - 1)  # the newest burst breaks the cadence
-        return out + self._check(None, 0.0, 0)
+        if fit.ok:
+            return self._emit(len(self.bursts))  # the pattern stopped
+        # the newest burst came too early, or lasts too long: another tone follows
+        newest = None if on else self.bursts.pop()
+        start = open_start if newest is None else newest.start
+        head = closed if on else closed[:-1]  # up to the gap before the newest burst
+        in_time = not cand.continuous and _fit(cand, phase, head, True, 0.0,
+                                               max(0, len(head) - 2)).ok
+        if in_time and start is not None:  # no pause between the tones: cut at the cadence
+            on_s = cand.cadence[(2 * phase + len(head)) % len(cand.cadence)]
+            cut = start + round(on_s * SAMPLE_RATE)
+            self.bursts.append(_Burst(start, cut, 0.0, 0))
+            self._cut = (start, cut)
+            if newest is not None:
+                newest = _Burst(cut, newest.end, newest.energy, 0)
+        out = self._emit(len(self.bursts))
+        if newest is not None:
+            self.bursts = [newest]
+            out += self._check(None, 0.0, 0)
+        return out
 
     def _final(self, ended: list[tuple[ToneCandidate, int]],
                fits: dict[tuple[ToneCandidate, int], _Fit]) -> list[Tone]:
@@ -482,12 +561,31 @@ class _CadenceMatcher:
 
 
 # --- the detector --------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class BlockTones:
+    """Block verdicts of one analysed stretch: block i covers ``sample + i * BLOCK_LEN``."""
+
+    sample: int
+    n_blocks: int
+    group: np.ndarray | None  # index into ToneDetector.groups per block, -1 = none;
+    # None = no block held a tone
+
+    def tone_on(self) -> np.ndarray:
+        """bool per block: one of the plan's tones is sounding."""
+        if self.group is None:
+            return np.zeros(self.n_blocks, dtype=bool)
+        return self.group >= 0
+
+
 class ToneDetector:
     """Streaming call-progress tone detector for one country's tone plan.
 
     Implements the :class:`~drivers.dsp.events.Detector` protocol. Audio is buffered and
-    analysed ``batch_samples`` at a time (events come up to one batch late); timestamps
-    are line samples, independent of the batching.
+    analysed ``batch_samples`` at a time; timestamps are line samples, independent of the
+    batching. A ``Tone`` is reported once its pattern has stopped (at most the longest
+    off time plus tolerance, and a batch, after its last burst); :meth:`in_progress` shows
+    a decided tone before that. ``reported_as`` maps a tone to the name it is reported
+    under when the plan makes it identical to an earlier one (PL congestion -> busy).
     """
 
     def __init__(self, country: str = "DE", *,
@@ -512,10 +610,12 @@ class ToneDetector:
         self._pending_len = 0
         self._next_sample: int | None = None
         self._block_start = 0  # line sample of the first unanalysed block
+        self.last_blocks: BlockTones | None = None
 
     def feed(self, sample: int, pcm: np.ndarray) -> list[DetectorEvent]:
         """Consume ``pcm`` (int16, 8 kHz) starting at line sample ``sample``."""
         events: list[DetectorEvent] = []
+        self.last_blocks = None
         if self._next_sample is not None and sample != self._next_sample:
             log.debug("tones: timeline jump %d -> %d", self._next_sample, sample)
             events += self.flush()
@@ -543,13 +643,21 @@ class ToneDetector:
         tones = [t for m in self._matchers if (t := m.in_progress()) is not None]
         return max(tones, key=_event_sample) if tones else None
 
+    def next_burst_due(self, tone: str) -> int | None:
+        """While a decided ``tone`` is in a cadence gap: the latest sample at which its next
+        burst may start (later, the pattern has stopped). None otherwise."""
+        for matcher in self._matchers:
+            if matcher.decided is not None and matcher.decided[0].tone == tone:
+                return matcher.next_due()
+        return None
+
     def tone_on(self) -> bool:
-        """True when a burst of one of the plan's tones is under way."""
-        return any(t.open_start is not None for t in self._trackers)
+        """True when a burst (>= MIN_BURST_S) of one of the plan's tones is under way."""
+        return any(t.state().burst_start is not None for t in self._trackers)
 
     def last_tone_end(self) -> int | None:
-        """End sample of the latest tone burst seen (open bursts: so far)."""
-        ends = [t.open_end for t in self._trackers if t.open_end]
+        """End sample of the latest tone burst (>= MIN_BURST_S; open ones: so far)."""
+        ends = [t.last_burst_end for t in self._trackers if t.last_burst_end is not None]
         return max(ends) if ends else None
 
     def analysed_to(self) -> int:
@@ -568,10 +676,15 @@ class ToneDetector:
             return []
         chosen, ac = self._analyser.analyse(buf[:used].reshape(n_blocks, BLOCK_LEN))
         start, self._block_start = self._block_start, self._block_start + used
+        self.last_blocks = BlockTones(start, n_blocks, chosen)
         events: list[DetectorEvent] = []
         for g, (tracker, matcher) in enumerate(zip(self._trackers, self._matchers,
                                                    strict=True)):
-            closed = tracker.process(start, chosen == g, ac)
+            if chosen is None and tracker.idle and not matcher.bursts:
+                tracker.skip(n_blocks)  # nothing going on for this group
+                continue
+            on = chosen == g if chosen is not None else np.zeros(n_blocks, dtype=bool)
+            closed = tracker.process(start, on, ac)
             events += matcher.step(closed, tracker.state(), self._block_start)
         return sorted(events, key=_event_sample)
 

@@ -26,7 +26,8 @@ from firmware.keys import load_public_key
 from firmware.recfile import decrypt_recording
 
 REPO = Path(__file__).resolve().parents[2]
-SCENARIOS = sorted((REPO / "examples" / "scenarios").glob("*.toml"))
+SCENARIOS = [*sorted((REPO / "examples" / "scenarios").glob("*.toml")),
+             REPO / "examples" / "dealer-day.toml"]
 
 
 def write_config(tmp: Path, scenario: Path, recipient: str, *, lines: int = 1,
@@ -48,12 +49,10 @@ def run_appliance(config_path: Path) -> Catalogue:
     return Catalogue.read_only(config.catalogue_path)
 
 
-def expected_end(truth: CallTruth, polarity: bool) -> str:
+def expected_end(truth: CallTruth) -> str:
     if truth.direction == "inbound":
         return "hangup" if truth.answered else "no_answer"
-    # Outbound answers are seen by a polarity reversal here; from the audio once the
-    # answer detector is in the engine's detector set.
-    if truth.answered and polarity:
+    if truth.answered:
         return "hangup"
     return "hangup_while_dialing" if truth.dialed else "hangup_before_dialing"
 
@@ -74,12 +73,17 @@ def test_scenario_replay(tmp_path: Path, scenario_path: Path) -> None:
         elif truth.dialed:
             assert row["dialed_number"] == truth.dialed[: len(row["dialed_number"] or "")]
             assert row["dialed_number"] == truth.dialed
-        if truth.direction == "inbound" and truth.answered:
-            call_start = decrypt_recording(Path(row["path"]), [central]).start_sample
-            answered_at = call_start / 8000 + row["answered_offset_s"]
+        call_start = decrypt_recording(Path(row["path"]), [central]).start_sample
+        answered_at = None if row["answered_offset_s"] is None else (
+            call_start / 8000 + row["answered_offset_s"])
+        if not truth.answered:
+            assert answered_at is None
+        elif (truth.direction == "inbound"  # the dealer's hook-off
+              or scenario.calls[truth.index].answer_signal == "polarity"):  # a reversal
             assert answered_at == pytest.approx(truth.answer_sample / 8000, abs=0.03)
-        polarity = scenario.calls[truth.index].answer_signal == "polarity"
-        assert row["end_reason"] == expected_end(truth, polarity)
+        else:  # heard in the audio: the customer's first word, within 0.5 s
+            assert answered_at == pytest.approx(truth.far_speech_sample / 8000, abs=0.5)
+        assert row["end_reason"] == expected_end(truth)
         assert row["state"] == "complete"
     for row in rows:
         rec = decrypt_recording(Path(row["path"]), [central])

@@ -1,0 +1,263 @@
+"""Voice activity detector: energy over a tracked noise floor, with a tonality guard.
+
+Signal path (numpy per batch; Python only walks the edges of active runs):
+
+1. Frames of ``FRAME_LEN`` = 160 samples (20 ms). Each frame's AC energy in dBFS (0 dBFS
+   = full-scale sine).
+2. Tonality: the power spectrum of a 40 ms Hann window (the frame and the one before it,
+   bins 25 Hz apart) above 100 Hz; the *share* of its two strongest peaks (+-2 bins each)
+   in the total. A steady single or dual tone (dial, busy, DTMF, an AM tone whose
+   sidebands sit within 2 bins) keeps >= 0.9 of its energy there; speech spreads over
+   many harmonics (median 0.45-0.65, 95th percentile ~0.85). A frame is *tonal* when the
+   window ending with it or the next window has a share >= ``TONAL_SHARE`` (the ragged
+   first frame of a burst only shows in the window after it).
+3. Noise floor: the minimum energy of the non-tonal frames seen in the last
+   ``FLOOR_WINDOW_S`` up to the frame judged (follows a rising floor within that time, a
+   falling one at once), kept within ``FLOOR_MIN_DBFS`` .. ``FLOOR_MAX_DBFS``.
+4. A frame is *active* when it is >= ``ON_MARGIN_DB`` above the floor, >=
+   ``MIN_VOICE_DBFS`` and not tonal.
+5. Segments: active frames closer than ``HANGOVER_FRAMES`` join one segment; a segment
+   with >= ``MIN_VOICE_FRAMES`` active frames is reported as
+   ``Voice(sample, end_sample)``: ``sample`` the start of its first active frame,
+   ``end_sample`` the end of its last active frame, once the hangover has run out.
+
+Frame decisions lag the audio by one frame (the tonality looks one window ahead).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from drivers.dsp.events import SAMPLE_RATE, DetectorEvent, Voice
+from drivers.dsp.tones import CallProgressConfigError
+
+log = logging.getLogger(__name__)
+
+FRAME_LEN = 160  # 20 ms
+WINDOW_LEN = 2 * FRAME_LEN  # 40 ms spectrum: bins 25 Hz apart
+FULL_SCALE_POWER = 32767.0**2 / 2.0  # mean square of a full-scale sine (0 dBFS)
+LOW_CUT_BINS = 4  # ignore < 100 Hz (hum, DC, the line's low-frequency thumps)
+PEAK_HALF_WIDTH = 2  # bins each side of a peak: Hann main lobe, AM sidebands <= 50 Hz
+TONAL_SHARE = 0.85  # two peaks hold this share: a steady tone (speech: 95th pct ~0.85)
+ON_MARGIN_DB = 9.0  # active above the floor (white noise frames: sigma 0.5 dB)
+MIN_VOICE_DBFS = -50.0
+FLOOR_WINDOW_S = 3.0
+FLOOR_MIN_DBFS = -70.0
+FLOOR_MAX_DBFS = -30.0  # a floor above this is speech without pauses, not noise
+HANGOVER_FRAMES = 10  # 200 ms of inactivity ends a segment
+MIN_VOICE_FRAMES = 3  # shorter segments (a click, < 60 ms) are not reported
+DEFAULT_BATCH_SAMPLES = 3200  # 400 ms: numpy call overhead per line stays small
+
+
+@dataclass(frozen=True, slots=True)
+class FrameActivity:
+    """Per-frame decisions of one analysed stretch: frame i covers
+    ``sample + i * FRAME_LEN`` .. ``+ FRAME_LEN``."""
+
+    sample: int
+    active: np.ndarray  # bool: voice-like energy in this frame
+    tonal: np.ndarray  # bool: a steady tone in this frame
+
+
+class _Spectra:
+    """Frame energy and spectral peak share (vectorised over frames)."""
+
+    def __init__(self) -> None:
+        self._window = np.hanning(WINDOW_LEN + 2)[1:-1]
+        # peak windows index a power array padded by PEAK_HALF_WIDTH zeros on each side
+        self._offsets = np.arange(2 * PEAK_HALF_WIDTH + 1)
+        self._bins = WINDOW_LEN // 2 + 1
+
+    @staticmethod
+    def energy_db(frames: np.ndarray) -> np.ndarray:
+        """AC energy of each frame in dBFS."""
+        sums = frames.sum(axis=1)
+        ac = (np.einsum("ij,ij->i", frames, frames) - sums * sums / FRAME_LEN) / FRAME_LEN
+        return 10.0 * np.log10(ac / FULL_SCALE_POWER + 1e-12)
+
+    def share(self, windows: np.ndarray) -> np.ndarray:
+        """Share of the two strongest spectral peaks (+-PEAK_HALF_WIDTH bins each) in the
+        power above LOW_CUT_BINS of Hann-windowed 40 ms ``windows``."""
+        spec = np.fft.rfft(windows * self._window, axis=1)
+        n = len(windows)
+        power = np.zeros((n, self._bins + 2 * PEAK_HALF_WIDTH))
+        core = power[:, PEAK_HALF_WIDTH:PEAK_HALF_WIDTH + self._bins]
+        np.multiply(spec.real, spec.real, out=core)
+        core += spec.imag * spec.imag
+        core[:, :LOW_CUT_BINS] = 0.0
+        total = core.sum(axis=1) + 1e-9
+        rows = np.arange(n)[:, None]
+        cols = core.argmax(axis=1)[:, None] + self._offsets
+        share = power[rows, cols].sum(axis=1)
+        power[rows, cols] = 0.0
+        cols = core.argmax(axis=1)[:, None] + self._offsets
+        share += power[rows, cols].sum(axis=1)
+        return share / total
+
+
+class VoiceDetector:
+    """Streaming voice activity detector (the :class:`~drivers.dsp.events.Detector`
+    protocol); reports finished ``Voice(sample, end_sample)`` segments.
+
+    Audio is analysed ``batch_samples`` at a time. :attr:`last_frames` holds the frame
+    decisions of the latest analysis (for the answer detector), :meth:`active_since` the
+    start of a segment still in progress.
+    """
+
+    def __init__(self, *, batch_samples: int = DEFAULT_BATCH_SAMPLES) -> None:
+        if batch_samples < 1:
+            raise CallProgressConfigError(
+                f"VoiceDetector: batch_samples {batch_samples} must be >= 1")
+        self._batch_samples = batch_samples
+        self._spectra = _Spectra()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget buffered audio, the noise floor and any segment in progress."""
+        self._pending: list[np.ndarray] = []
+        self._pending_len = 0
+        self._next_sample: int | None = None
+        self._frame_start = 0  # line sample of the next unanalysed frame
+        self._prev = np.zeros(FRAME_LEN)
+        self._held: tuple[float, bool] | None = None  # newest frame: energy, tonal window
+        self._floor_mins: deque[tuple[int, float]] = deque()  # (frame sample, dBFS)
+        self._seg_start: int | None = None
+        self._seg_end = 0
+        self._seg_frames = 0
+        self._off_frames = HANGOVER_FRAMES + 1
+        self.last_frames: FrameActivity | None = None
+
+    def feed(self, sample: int, pcm: np.ndarray) -> list[DetectorEvent]:
+        """Consume ``pcm`` (int16, 8 kHz) starting at line sample ``sample``."""
+        events: list[DetectorEvent] = []
+        if self._next_sample is not None and sample != self._next_sample:
+            log.debug("vad: timeline jump %d -> %d", self._next_sample, sample)
+            events += self.flush()
+        if self._next_sample is None:
+            self._frame_start = sample
+        self._next_sample = sample + len(pcm)
+        self._pending.append(np.asarray(pcm))
+        self._pending_len += len(pcm)
+        self.last_frames = None
+        if self._pending_len >= self._batch_samples:
+            events += self._process()
+        return events
+
+    def flush(self) -> list[DetectorEvent]:
+        """Analyse what is buffered, end the segment in progress, and reset."""
+        if self._next_sample is not None:  # silence to a whole frame, and one more frame,
+            # lets the newest audio be judged
+            self._pending.append(np.zeros(-self._pending_len % FRAME_LEN + FRAME_LEN))
+        events = self._process()
+        events += self._close()
+        self.reset()
+        return events
+
+    def active_since(self) -> int | None:
+        """Start sample of a confirmed voice segment still in progress, else None."""
+        if self._seg_start is not None and self._seg_frames >= MIN_VOICE_FRAMES:
+            return self._seg_start
+        return None
+
+    # --- analysis ------------------------------------------------------------------------
+    def _process(self) -> list[DetectorEvent]:
+        if not self._pending:
+            return []
+        buf = np.concatenate(self._pending).astype(np.float64, copy=False)
+        n = len(buf) // FRAME_LEN
+        used = n * FRAME_LEN
+        self._pending = [buf[used:]] if used < len(buf) else []
+        self._pending_len = len(buf) - used
+        if n == 0:
+            return []
+        frames = buf[:used].reshape(n, FRAME_LEN)
+        energy = self._spectra.energy_db(frames)
+        core = self._tonal_windows(buf[:used], energy)
+        self._prev = frames[-1].copy()
+        # a frame is tonal when the window ending with it or the next one is: the ragged
+        # first frame of a burst only shows in the window that follows. So the newest
+        # frame waits for the next batch, and the one held from the last batch joins now.
+        first_sample = self._frame_start
+        if self._held is not None:
+            energy = np.concatenate([[self._held[0]], energy])
+            core = np.concatenate([[self._held[1]], core])
+            first_sample -= FRAME_LEN
+        self._frame_start += used
+        self._held = (float(energy[-1]), bool(core[-1]))
+        if len(energy) < 2:
+            return []
+        tonal = core[:-1] | core[1:]
+        active = self._active(first_sample, energy[:-1], tonal)
+        self.last_frames = FrameActivity(first_sample, active, tonal)
+        return self._segments(first_sample, active)
+
+    def _tonal_windows(self, audio: np.ndarray, energy: np.ndarray) -> np.ndarray:
+        """Per frame: its 40 ms window (previous frame + this one) holds a steady tone."""
+        core = np.zeros(len(energy), dtype=bool)
+        # the floor can only fall to the batch's quietest frame: frames below this bound
+        # stay inactive whatever their spectrum; only the windows that decide whether a
+        # frame above it is tonal (its own and the next) are transformed
+        bound = max(min(self._floor(), float(energy.min()), FLOOR_MAX_DBFS) + ON_MARGIN_DB,
+                    MIN_VOICE_DBFS)
+        loud = energy >= bound
+        held_loud = self._held is not None and self._held[0] >= bound
+        need = np.flatnonzero(loud | np.concatenate([[held_loud], loud[:-1]]))
+        if len(need):
+            rows = np.concatenate([self._prev, audio]).reshape(-1, FRAME_LEN)
+            windows = np.hstack([rows[need], rows[need + 1]])  # previous frame + this one
+            core[need] = self._spectra.share(windows) >= TONAL_SHARE
+        return core
+
+    def _active(self, first_sample: int, energy: np.ndarray, tonal: np.ndarray) -> np.ndarray:
+        """Frames above the floor; the floor at a frame knows only the frames up to it."""
+        horizon = first_sample - round(FLOOR_WINDOW_S * SAMPLE_RATE)
+        while self._floor_mins and self._floor_mins[0][0] < horizon:
+            self._floor_mins.popleft()
+        quiet = np.where(tonal, np.inf, energy)
+        floor = np.clip(np.minimum(np.minimum.accumulate(quiet), self._floor()),
+                        FLOOR_MIN_DBFS, FLOOR_MAX_DBFS)
+        k = int(quiet.argmin())
+        if np.isfinite(quiet[k]):  # each batch keeps its quietest frame, with its time
+            self._floor_mins.append((first_sample + k * FRAME_LEN, float(quiet[k])))
+        return (energy >= floor + ON_MARGIN_DB) & (energy >= MIN_VOICE_DBFS) & ~tonal
+
+    def _floor(self) -> float:
+        """Lowest non-tonal frame energy of the recent batches (inf: none yet), dBFS."""
+        return min([m for _, m in self._floor_mins], default=np.inf)
+
+    # --- segments ------------------------------------------------------------------------
+    def _segments(self, first_sample: int, active: np.ndarray) -> list[DetectorEvent]:
+        events: list[DetectorEvent] = []
+        prev = -1 - self._off_frames
+        for a, b in _runs(active):
+            if self._seg_start is None or a - prev - 1 > HANGOVER_FRAMES:
+                events += self._close()
+                self._seg_start = first_sample + a * FRAME_LEN
+            self._seg_frames += b + 1 - a
+            self._seg_end = first_sample + (b + 1) * FRAME_LEN
+            prev = b
+        n = len(active)
+        self._off_frames = n - 1 - prev if prev >= 0 else self._off_frames + n
+        if self._seg_start is not None and self._off_frames > HANGOVER_FRAMES:
+            events += self._close()
+        return events
+
+    def _close(self) -> list[DetectorEvent]:
+        start, frames = self._seg_start, self._seg_frames
+        self._seg_start, self._seg_frames = None, 0
+        if start is None or frames < MIN_VOICE_FRAMES:
+            return []
+        log.debug("vad: voice %d .. %d (%d frames)", start, self._seg_end, frames)
+        return [Voice(start, self._seg_end)]
+
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """(first, last) indices of the runs of True in ``flags``."""
+    if not flags.any():
+        return []
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], flags.view(np.int8), [0]])))
+    return list(zip(edges[0::2].tolist(), (edges[1::2] - 1).tolist(), strict=True))

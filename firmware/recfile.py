@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from firmware import agecrypt
 from firmware.agecrypt import Identity, Recipient
 from firmware.codec import alaw_decode, alaw_encode
-from firmware.fsutil import fsync_dir
+from firmware.fsutil import fsync_dir, preallocate
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ FRAME_PREFIX = struct.Struct(">II")  # ciphertext length, CRC-32 of the cipherte
 RECORD_HEAD = struct.Struct(">BQ")  # record type, start sample
 GAP_END = struct.Struct(">Q")  # GAP body: end sample
 MAX_RECORD_PLAINTEXT = 64 * 1024  # cap of this format; larger lengths are rejected
+# Blocks reserved past EOF at a time while writing: about 2 minutes of A-law audio.
+PREALLOCATE_BYTES = 1024 * 1024
 MIN_SEALED = RECORD_HEAD.size + TAG_BYTES
 MAX_SEALED = MAX_RECORD_PLAINTEXT + TAG_BYTES
 MAX_FLUSH_SAMPLES = MAX_RECORD_PLAINTEXT - RECORD_HEAD.size  # one A-law byte per sample
@@ -196,6 +198,7 @@ class RecordingWriter:
         self._summary: RecordingSummary | None = None
         self._aborted = False
         self._fd = -1
+        self._allocated = 0
         self._create(prelude)
         log.info("recording %s: started", self.path.name)
 
@@ -336,6 +339,8 @@ class RecordingWriter:
         self._sync_file(full=False)
 
     def _write(self, data: bytes) -> None:
+        if self._sync and self._bytes + len(data) > self._allocated:
+            self._reserve()
         view = memoryview(data)
         try:
             while view:
@@ -344,6 +349,15 @@ class RecordingWriter:
             raise RecordingIOError(f"{self.part_path}: write failed: {exc}") from exc
         self._sha.update(data)
         self._bytes += len(data)
+
+    def _reserve(self) -> None:
+        """Reserve the next PREALLOCATE_BYTES past EOF (see fsutil.preallocate): about a
+        third less written per fdatasync on ext4. Released at close by ftruncate."""
+        start = max(self._allocated, self._bytes)
+        if preallocate(self._fd, start, PREALLOCATE_BYTES):
+            self._allocated = start + PREALLOCATE_BYTES
+        else:
+            self._allocated = 1 << 62  # unsupported here: stop trying
 
     def _sync_file(self, *, full: bool) -> None:
         """fdatasync after a record; full fsync for the header and at close."""
@@ -357,6 +371,7 @@ class RecordingWriter:
     def _finish(self) -> None:
         self._aead = None  # drop the payload key (see the class docstring)
         try:
+            os.ftruncate(self._fd, self._bytes)  # release preallocated blocks past EOF
             self._sync_file(full=True)
         finally:
             os.close(self._fd)

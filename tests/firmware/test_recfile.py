@@ -512,3 +512,32 @@ def test_export_is_a_standard_age_file_holding_a_wav(small_recording, central, t
     assert (_sox_info(wav, "-r"), _sox_info(wav, "-s")) == ("8000", "1600")
     assert np.array_equal(_wav_pcm(wav_bytes), rec.pcm)
     assert np.array_equal(rec.pcm[:1200], _g711(pcm))
+
+
+def test_blocks_are_reserved_while_writing_and_released_at_close(tmp_path: Path) -> None:
+    """Preallocation past EOF (less metadata journaled per fdatasync) never outlives close."""
+    from firmware.agecrypt import Identity
+    from firmware.fsutil import preallocate
+    from firmware.recfile import PREALLOCATE_BYTES, RecordingWriter, recover
+
+    probe = tmp_path / "probe"
+    with probe.open("wb") as f:
+        if not preallocate(f.fileno(), 0, 4096):
+            pytest.skip("this file system cannot preallocate")
+    identity = Identity.generate()
+    pcm = np.zeros(160, dtype=np.int16)
+    for crash in (False, True):
+        path = tmp_path / f"r{crash}.rec"
+        writer = RecordingWriter(path, recipients=[identity.recipient], header={"x": 1})
+        for k in range(50 * 5):
+            writer.write_audio(k * 160, pcm)
+        part = writer.part_path
+        st = part.stat()
+        assert st.st_blocks * 512 >= PREALLOCATE_BYTES > st.st_size  # reserved past EOF
+        if crash:
+            writer.abort()
+            recover(part, path)
+        else:
+            writer.close("hangup")
+        st = path.stat()
+        assert st.st_blocks * 512 < st.st_size + 8192  # released

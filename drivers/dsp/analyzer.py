@@ -2,7 +2,10 @@
 
 The call engine and ``edge-recorder analyze`` both feed frames here and receive timed
 events (sample-accurate start samples on the caller's timeline). DTMF is computed once:
-its digits are reported and also assembled into DTMF caller ID.
+its digits are reported, assembled into DTMF caller ID, and passed to the tone detector
+(a dial tone ends at the first digit; its length alone cannot tell it from a ringback
+burst). Events come in time order within one ``feed`` call; a tone is reported once its
+pattern has stopped, so it may come after the digits that followed it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ import numpy as np
 from drivers.dsp.answer import AnswerDetector
 from drivers.dsp.callerid import STANDARDS, CallerIdDetector, DtmfCallerIdAssembler
 from drivers.dsp.dtmf import DtmfDetector
-from drivers.dsp.events import DetectorEvent, DtmfDigit
+from drivers.dsp.events import SAMPLE_RATE, DetectorEvent, DtmfDigit
+
+# Silence fed to the DTMF detector at the end of input: ends a digit still sounding (the
+# detector reports a digit ~110 ms after its tone stops).
+DTMF_FLUSH_SAMPLES = SAMPLE_RATE // 5
 
 
 class LineAnalyzer:
@@ -33,12 +40,7 @@ class LineAnalyzer:
         self._progress = AnswerDetector(country, report_inner=True)
 
     def feed(self, sample: int, pcm: np.ndarray) -> list[DetectorEvent]:
-        events: list[DetectorEvent] = list(self._dtmf.feed(sample, pcm))
-        if self._dtmf_cid is not None:
-            for digit in [e for e in events if isinstance(e, DtmfDigit)]:
-                cid = self._dtmf_cid.push(digit)
-                if cid is not None:
-                    events.append(cid)
+        events = self._digits(self._dtmf.feed(sample, pcm))
         if self._fsk_cid is not None:
             events.extend(self._fsk_cid.feed(sample, pcm))
         events.extend(self._progress.feed(sample, pcm))
@@ -46,8 +48,20 @@ class LineAnalyzer:
         return events
 
     def finish(self, sample: int) -> list[DetectorEvent]:
-        """End of input (a file): report what is still open."""
-        return list(self._progress.flush())
+        """End of input (a file) at line ``sample``: report what is still open."""
+        events = self._digits(self._dtmf.feed(sample, np.zeros(DTMF_FLUSH_SAMPLES, np.int16)))
+        events += self._progress.flush()
+        return sorted(events, key=lambda e: e.sample)
+
+    def _digits(self, dtmf_events: list[DetectorEvent]) -> list[DetectorEvent]:
+        """DTMF events, with the caller ID they complete; the tone detector learns of each
+        digit (the dial tone ends at the first one)."""
+        events = list(dtmf_events)
+        for digit in [e for e in dtmf_events if isinstance(e, DtmfDigit)]:
+            self._progress.note_dtmf(digit.sample)
+            if self._dtmf_cid is not None and (cid := self._dtmf_cid.push(digit)) is not None:
+                events.append(cid)
+        return events
 
     def reset(self) -> None:
         """A new call starts: forget everything, count the far end's voice from here."""

@@ -100,6 +100,11 @@ class AnswerDetector:
         self._arm_hist()
         log.debug("answer: armed at %d", sample)
 
+    def note_dtmf(self, sample: int) -> None:
+        """A DTMF digit started at ``sample`` (see :meth:`ToneDetector.note_dtmf`): the dial
+        tone it cuts off is reported."""
+        self.tones.note_dtmf(sample)
+
     def dialing_done(self, sample: int) -> None:
         """The number is complete at ``sample``: voice before it does not count."""
         self._armed_from = max(self._armed_from or sample, sample)

@@ -32,17 +32,31 @@ The tone definitions come only from :mod:`drivers.toneplan`. Signal path:
    the cadence. A burst that starts on time but lasts too long is another tone following
    without a pause (ringback, then busy): it is cut where the cadence says the burst
    ends. A single burst that fits no cadence but is >= ``DIAL_MIN_S`` long is a
-   (continuous) dial tone; a single burst that also fits a cadenced tone (a 1 s DE dial
-   tone, or ringback answered after one burst) is ambiguous and not reported.
+   (continuous) dial tone; so is a steady burst longer than every on time of its group,
+   also where the plan's dial tone is cadenced (IT, CZ, GR). A single burst that also
+   fits a cadenced tone (a 1 s DE dial tone, or ringback answered after one burst) is
+   ambiguous on its own.
+5. **DTMF cuts the dial tone**: a dial tone lasts from off-hook until the exchange hears
+   the first digit. The line's DTMF detector tells of each digit
+   (:meth:`ToneDetector.note_dtmf`); a lone burst, or a run that fits the dial cadence,
+   whose end a digit's start follows within ``DTMF_CUT_S`` (or precedes by up to
+   ``DIAL_STOP_LAG_S``; in a cadenced dial tone's pause: until its next burst was due)
+   is the dial tone, whatever else its length fits, and ends at the digit at the latest.
+   Since a digit is reported only after it ends, every dial tone and every run that may
+   be one is held until a digit decided it or ``DTMF_WAIT_S`` have passed; an ambiguous
+   run no digit cut is dropped, a run that fitted another tone's whole cadence is
+   reported as that tone.
 
-Events: ``Tone(sample, end_sample, tone)`` once the pattern has stopped, with ``sample``
-the first block of the first burst (within one block of the onset) and ``end_sample`` the
+Events: ``Tone(sample, end_sample, tone)`` once the pattern has stopped (a dial tone,
+and a run that may be one, ``DTMF_WAIT_S`` after its digit window), with ``sample`` the
+first block of the first burst (within one block of the onset) and ``end_sample`` the
 end of the last burst. :meth:`ToneDetector.in_progress` tells about a decided tone that
 is still going.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 from dataclasses import dataclass
 
@@ -79,6 +93,19 @@ DIAL_MIN_S = 0.6  # a lone steady burst at least this long can be a dial tone
 # below the tone's level (the white noise of a 15 dB S/N line stays 15 dB below).
 GAP_ACTIVITY_DB = -10.0
 GAP_ACTIVITY_BLOCKS = 3
+# A dial tone lasts from off-hook until the exchange hears the first digit, so a lone
+# burst (or a run fitting a cadenced dial tone) cut off by a DTMF digit is a dial tone,
+# whatever else its length fits (a 1 s DE dial tone is as long as a ringback burst).
+# Cut off: the digit starts at most DTMF_CUT_S after the tone stops, or at most
+# DIAL_STOP_LAG_S before (the exchange's receiver needs >= 40 ms to accept a digit,
+# ITU-T Q.24, before it removes the tone; a weak digit does not break the tone's blocks).
+DTMF_CUT_S = 0.1
+DIAL_STOP_LAG_S = 0.1
+DIAL_CUT_MIN_S = 0.3  # a digit sooner after the tone's start does not cut it (reaction)
+# How long after the cut a digit may still be reported: a 0.5 s key press plus the DTMF
+# detector's report lag (~0.11 s after the digit ends). Dial tones wait this long.
+DTMF_WAIT_S = 0.65
+DIGIT_MEMORY_S = 10.0  # digit starts kept behind the analysis (longest cadence gap: 5 s)
 DEFAULT_BATCH_SAMPLES = 3200  # 400 ms: numpy call overhead per line stays small
 
 
@@ -361,6 +388,22 @@ class _Fit:
 
 
 _MISFIT = _Fit(False, False, False, 0, 0.0)
+_DIAL_CUT_MIN = round(DIAL_CUT_MIN_S * SAMPLE_RATE)
+_DTMF_CUT = round(DTMF_CUT_S * SAMPLE_RATE)
+_DIAL_STOP_LAG = round(DIAL_STOP_LAG_S * SAMPLE_RATE)
+_DTMF_WAIT = round(DTMF_WAIT_S * SAMPLE_RATE)
+
+
+@dataclass(frozen=True, slots=True)
+class _DialRun:
+    """A stopped run that is a dial tone if a DTMF digit cut it off, else ``otherwise``
+    (a tone name, or None: nothing). A digit cuts it when it starts by ``cut_by``: the end
+    plus ``DTMF_CUT_S``, or the end of the pause a cadenced dial tone was in."""
+
+    start: int
+    end: int
+    otherwise: str | None
+    cut_by: int
 
 
 def _fit(cand: ToneCandidate, phase: int, closed: list[float], open_on: bool,
@@ -396,7 +439,12 @@ class _CadenceMatcher:
 
     def __init__(self, group: ToneGroup) -> None:
         self.group = group
-        self._keys = [(c, p) for c in group.candidates
+        self._dial = next((c for c in group.candidates if c.tone == "dial"), None)
+        # a cadenced dial tone (IT, CZ, GR) may also come steady: a lone burst longer than
+        # every on time of the group is a dial tone there as well
+        steady = ((ToneCandidate("dial", ()),)
+                  if self._dial is not None and not self._dial.continuous else ())
+        self._keys = [(c, p) for c in (*group.candidates, *steady)
                       for p in range(max(1, len(c.cadence) // 2))]
         longest_on = max((max(c.cadence[0::2]) for c in group.candidates if c.cadence),
                          default=0.0)
@@ -406,6 +454,7 @@ class _CadenceMatcher:
         self.open_start: int | None = None
         self.open_end = 0
         self._cut: tuple[int, int] | None = None  # (burst start, where it was cut)
+        self.dial_runs: list[_DialRun] = []  # runs waiting for DTMF; the detector takes them
 
     def step(self, closed: list[_Burst], state: _OpenState, now: int) -> list[Tone]:
         out: list[Tone] = []
@@ -484,8 +533,15 @@ class _CadenceMatcher:
             ended = [k for k, f in fits.items() if f.ok]
             if ended or not self.bursts:
                 return out + self._final(ended, fits)
-            self.bursts.pop(0)  # fits nothing: forget the oldest burst and retry
+            self._drop_oldest()  # fits nothing: forget the oldest burst and retry
         return out
+
+    def _drop_oldest(self) -> None:
+        """Forget the run's first burst; alone it may still be a dial tone cut by a digit."""
+        first = self.bursts.pop(0)
+        if self._dial is not None:
+            self.dial_runs.append(_DialRun(first.start, first.end, None,
+                                           first.end + _DTMF_CUT))
 
     def _try_decide(self, live: list[tuple[ToneCandidate, int]],
                     fits: dict[tuple[ToneCandidate, int], _Fit], on: bool,
@@ -514,6 +570,9 @@ class _CadenceMatcher:
         if fit.ok and not fit.ended and not noisy:
             return []
         if fit.ok:
+            cut_by = self._dial_cut_by() if cand.tone != "dial" else None
+            if cut_by is not None:  # the pattern stopped; it may be a dial tone's start
+                return self._hold(cand.tone, cut_by)
             return self._emit(len(self.bursts))  # the pattern stopped
         # the newest burst came too early, or lasts too long: another tone follows
         newest = None if on else self.bursts.pop()
@@ -536,10 +595,15 @@ class _CadenceMatcher:
 
     def _final(self, ended: list[tuple[ToneCandidate, int]],
                fits: dict[tuple[ToneCandidate, int], _Fit]) -> list[Tone]:
-        """The run stopped before a decision: report what it clearly was, if anything."""
+        """The run stopped before a decision: report what it clearly was, if anything. A
+        run that a dial tone may be waits for DTMF (:class:`_DialRun`): cut off by a digit,
+        it is the dial tone whatever else its cadence fits."""
+        cut_by = self._dial_cut_by()  # None: no dial tone fits the run
         done = [k for k in ended if not k[0].continuous and fits[k].matched >= len(k[0].cadence)]
         if done:
             self.decided = min(done, key=lambda k: (fits[k].error, TONE_NAMES.index(k[0].tone)))
+            if cut_by is not None and self.decided[0].tone != "dial":
+                return self._hold(self.decided[0].tone, cut_by)
             return self._emit(len(self.bursts))
         lone = self.bursts[0] if len(self.bursts) == 1 else None
         dial = next((k for k in ended if k[0].continuous), None)
@@ -548,8 +612,37 @@ class _CadenceMatcher:
                 and (lone.end - lone.start) / SAMPLE_RATE >= DIAL_MIN_S):
             self.decided = dial
             return self._emit(1)
+        if cut_by is not None:  # every lone burst of a group with a dial tone
+            return self._hold(None, cut_by)
         self.bursts = []
         return []
+
+    def _hold(self, otherwise: str | None, cut_by: int) -> list[Tone]:
+        """Hand the run to the detector as a possible dial tone; ``otherwise`` (the decided
+        tone, or None) is what it is when no digit cuts it."""
+        self.dial_runs.append(_DialRun(self.bursts[0].start, self.bursts[-1].end, otherwise,
+                                       cut_by))
+        self.bursts, self.decided = [], None
+        return []
+
+    def _dial_cut_by(self) -> int | None:
+        """When the stopped run fits the group's dial tone (a lone burst always does): the
+        latest start of a digit that cut it off, ``DTMF_CUT_S`` after its end or, in a
+        cadenced dial tone's pause, when the next burst was due."""
+        if self._dial is None or not self.bursts:
+            return None
+        closed = self._intervals(None)
+        end = self.bursts[-1].end
+        latest = None
+        for cand, phase in self._keys:
+            fit = _fit(cand, phase, closed, False, 0.0) if cand.tone == "dial" else _MISFIT
+            if not fit.ok:
+                continue
+            pause_s = 0.0 if cand.continuous or fit.truncated else cand.cadence[
+                (2 * phase + len(closed)) % len(cand.cadence)]
+            pause = round((pause_s + tolerance_s(pause_s)) * SAMPLE_RATE) if pause_s else 0
+            latest = max(latest or 0, end + max(_DTMF_CUT, pause))
+        return latest
 
     def _emit(self, count: int) -> list[Tone]:
         """Report the first ``count`` bursts as the decided tone; keep the rest."""
@@ -586,6 +679,7 @@ class ToneDetector:
     off time plus tolerance, and a batch, after its last burst); :meth:`in_progress` shows
     a decided tone before that. ``reported_as`` maps a tone to the name it is reported
     under when the plan makes it identical to an earlier one (PL congestion -> busy).
+    :meth:`note_dtmf` tells it of the line's DTMF digits, which end the dial tone.
     """
 
     def __init__(self, country: str = "DE", *,
@@ -611,6 +705,14 @@ class ToneDetector:
         self._next_sample: int | None = None
         self._block_start = 0  # line sample of the first unanalysed block
         self.last_blocks: BlockTones | None = None
+        self._held: list[_DialRun] = []  # dial tones waiting for DTMF
+        self._digits: list[int] = []  # start samples of the DTMF digits noted, ascending
+
+    def note_dtmf(self, sample: int) -> None:
+        """A DTMF digit started at line ``sample``. Call it as the line's DTMF detector reports
+        digits (at most ``DTMF_WAIT_S`` after the digit's start): a dial tone the digit cuts
+        off is reported, and ends where the digit starts."""
+        bisect.insort(self._digits, sample)
 
     def feed(self, sample: int, pcm: np.ndarray) -> list[DetectorEvent]:
         """Consume ``pcm`` (int16, 8 kHz) starting at line sample ``sample``."""
@@ -633,8 +735,9 @@ class ToneDetector:
         events: list[DetectorEvent] = list(self._process())
         for tracker, matcher in zip(self._trackers, self._matchers, strict=True):
             closed = tracker.close()
-            events += matcher.step(closed, tracker.state(), self._block_start)
-            events += matcher.finish()
+            tones = matcher.step(closed, tracker.state(), self._block_start) + matcher.finish()
+            events += self._take(tones, matcher)
+        events += self._release(final=True)
         self.reset()
         return sorted(events, key=_event_sample)
 
@@ -685,8 +788,53 @@ class ToneDetector:
                 continue
             on = chosen == g if chosen is not None else np.zeros(n_blocks, dtype=bool)
             closed = tracker.process(start, on, ac)
-            events += matcher.step(closed, tracker.state(), self._block_start)
+            events += self._take(matcher.step(closed, tracker.state(), self._block_start),
+                                 matcher)
+        events += self._release(final=False)
         return sorted(events, key=_event_sample)
+
+    # --- dial tones and DTMF ---------------------------------------------------------------
+    def _take(self, tones: list[Tone], matcher: _CadenceMatcher) -> list[Tone]:
+        """Hold back dial tones and the matcher's possible ones; return the other tones."""
+        self._held += [_DialRun(t.sample, t.end_sample, "dial", t.end_sample + _DTMF_CUT)
+                       for t in tones if t.tone == "dial"]
+        self._held += matcher.dial_runs
+        matcher.dial_runs = []
+        return [t for t in tones if t.tone != "dial"]
+
+    def _release(self, *, final: bool) -> list[Tone]:
+        """Report the held runs whose fate is known (all of them when ``final``)."""
+        horizon = self._block_start - round(DIGIT_MEMORY_S * SAMPLE_RATE)
+        del self._digits[:bisect.bisect_left(self._digits, horizon)]
+        if not self._held:
+            return []
+        out: list[Tone] = []
+        keep: list[_DialRun] = []
+        for run in self._held:
+            tone = self._cut_tone(run)
+            window_end = run.cut_by
+            if tone is None and not (final or self._block_start >= window_end + _DTMF_WAIT
+                                     or (self._digits and self._digits[-1] > window_end)):
+                keep.append(run)  # a digit may yet be reported
+                continue
+            if tone is None and run.otherwise is not None:
+                tone = Tone(run.start, run.end, run.otherwise)
+            if tone is not None:
+                out.append(tone)
+        self._held = keep
+        return out
+
+    def _cut_tone(self, run: _DialRun) -> Tone | None:
+        """The dial tone ``run`` is when a noted digit cut it off (it ends at the digit)."""
+        first = bisect.bisect_left(self._digits, run.start + _DIAL_CUT_MIN)
+        for digit in self._digits[first:]:
+            if digit > run.cut_by:
+                break
+            if run.otherwise == "dial" or digit >= run.end - _DIAL_STOP_LAG:
+                log.debug("tones: dial tone %d .. %d cut by a digit at %d", run.start,
+                          run.end, digit)
+                return Tone(run.start, min(run.end, digit), "dial")
+        return None
 
 
 def _event_sample(event: DetectorEvent) -> int:

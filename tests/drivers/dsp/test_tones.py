@@ -243,6 +243,65 @@ def test_dial_tone_then_digits_then_ringback() -> None:
     assert abs(events[1].end_sample - samples(ring_start_s + 14.0)) <= END_TOL
 
 
+# --- dial tones: steady, or cut off by a DTMF digit --------------------------------------------
+@pytest.mark.parametrize("country", countries())
+def test_steady_tone_longer_than_every_on_time_is_a_dial_tone(country: str) -> None:
+    """The dial tone's frequencies, steady for longer than any on time of the country's
+    cadenced tones: a dial tone, also where the plan's dial tone is cadenced (IT, CZ, GR)."""
+    plan = tone_plan(country)
+    longest_on_s = max(on for name in TONES for on, _ in getattr(plan, name).cadence)
+    steady = ToneSpec(plan.dial.freqs_hz, (), plan.dial.am_hz, plan.dial.am_depth)
+    duration_s = longest_on_s + 0.5
+    x = padded(progress_tone(steady, duration_s, np.random.default_rng(21)))
+    events = detect(country, to_pcm(x))
+    assert [e.tone for e in events] == ["dial"]
+    assert abs(events[0].sample - samples(LEAD_S)) <= START_TOL
+    assert abs(events[0].end_sample - samples(LEAD_S + duration_s)) <= END_TOL
+
+
+def detect_with_digit(country: str, pcm: np.ndarray, digit: int | None) -> list[Tone]:
+    """Like detect(), telling the detector of a DTMF digit starting at ``digit`` once the
+    audio is 0.2 s past it (a DTMF detector reports a digit after it ends)."""
+    det = ToneDetector(country)
+    events = []
+    for i in range(0, len(pcm), 160):
+        if digit is not None and i == (digit + samples(0.2)) // 160 * 160:
+            det.note_dtmf(digit)
+        events += det.feed(i, pcm[i:i + 160])
+    return events + det.flush()
+
+
+@pytest.mark.parametrize(("after_s", "expected"), [
+    (None, []), (0.03, ["dial"]), (-0.04, ["dial"]), (0.3, [])],
+    ids=["no-digit", "digit-after", "digit-under-the-tone", "digit-too-late"])
+def test_a_burst_cut_off_by_a_digit_is_a_dial_tone(after_s: float | None,
+                                                  expected: list[str]) -> None:
+    """DE: 1 s of 425 Hz is a dial tone or a ringback burst; a digit starting at its end
+    (or 40 ms before, a weak digit under the tone) makes it the dial tone, ending at the
+    digit; a digit 0.3 s later does not."""
+    dial_s = 1.0
+    x = to_pcm(padded(progress_tone(tone_plan("DE").dial, dial_s, np.random.default_rng(6))))
+    end = samples(LEAD_S + dial_s)
+    digit = None if after_s is None else end + samples(after_s)
+    events = detect_with_digit("DE", x, digit)
+    assert [e.tone for e in events] == expected
+    if expected:
+        assert abs(events[0].sample - samples(LEAD_S)) <= START_TOL
+        assert abs(events[0].end_sample - min(end, digit or end)) <= BLOCK_LEN
+
+
+def test_digit_in_a_cadenced_dial_tone_pause_cuts_it() -> None:
+    """IT dial tone 0.2 on, 0.2 off, 0.6 on, 1.0 off: the first key 0.5 s into the long
+    pause ends it; the tone ends with its last burst."""
+    spec = tone_plan("IT").dial
+    x = to_pcm(padded(progress_tone(spec, 1.0, np.random.default_rng(8))))
+    digit = samples(LEAD_S + 1.5)
+    events = detect_with_digit("IT", x, digit)
+    assert [e.tone for e in events] == ["dial"]
+    assert abs(events[0].end_sample - samples(LEAD_S + 1.0)) <= END_TOL
+    assert detect_with_digit("IT", x, None) == []
+
+
 # --- sox as an independent generator ---------------------------------------------------------
 def sox_tone(tmp: Path, spec: ToneSpec, periods: int) -> np.ndarray:
     """The tone made by sox's ``synth`` (sines mixed, AM by ``amod`` at 100 % depth),

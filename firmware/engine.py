@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from drivers.clock import Clock
-from drivers.dsp.events import Answer, CallerId, Detector, DetectorEvent, DtmfDigit
+from drivers.dsp.events import Answer, CallerId, Detector, DetectorEvent, DtmfDigit, HookAware
 from drivers.line import SAMPLE_RATE, AudioFrame, LineItem, Signal, SignalEvent
 
 log = logging.getLogger(__name__)
@@ -230,6 +230,8 @@ class CallEngine:
             self._last_ring = sig.sample
         if ev is Ev.HOOK_OFF:
             self._hook_off_sample = sig.sample
+        if ev in (Ev.HOOK_OFF, Ev.HOOK_ON):
+            self._tell_detectors_hook(ev is Ev.HOOK_OFF)
         self._fire(ev, sig.sample, {}, sig)
 
     def _frame(self, frame: AudioFrame) -> None:
@@ -290,6 +292,11 @@ class CallEngine:
                     wall_synced=self.clock.wall_synced(), segment_start_sample=sample)
         self.call = call
         return call
+
+    def _tell_detectors_hook(self, off_hook: bool) -> None:
+        for detector in self.detectors:
+            if isinstance(detector, HookAware):
+                detector.hook(off_hook)
 
     def _reset_detectors(self) -> None:
         for detector in self.detectors:

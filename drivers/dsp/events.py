@@ -8,7 +8,7 @@ The call engine and ``edge-recorder analyze`` consume the same events.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -64,4 +64,12 @@ class Detector(Protocol):
 
     def reset(self) -> None:
         """Forget everything (a new call starts)."""
+        ...
+
+
+@runtime_checkable
+class HookAware(Protocol):
+    """A detector that runs only what can occur in the line's hook state."""
+
+    def hook(self, off_hook: bool) -> None:
         ...

@@ -265,3 +265,34 @@ def test_every_transition_targets_a_state_and_handler_exists() -> None:
     # every active state can end
     for state in (State.RINGING, State.OFF_HOOK, State.DIALING, State.CONNECTED):
         assert any(k[0] is state and v[0] is State.ENDED for k, v in TRANSITIONS.items())
+
+
+class HookRecorder:
+    """A detector that only records what the engine tells it."""
+
+    def __init__(self) -> None:
+        self.hooks: list[bool] = []
+        self.resets = 0
+
+    def feed(self, sample: int, pcm: np.ndarray) -> list:
+        return []
+
+    def reset(self) -> None:
+        self.resets += 1
+
+    def hook(self, off_hook: bool) -> None:
+        self.hooks.append(off_hook)
+
+
+def test_detectors_learn_the_hook_state_and_reset_per_call() -> None:
+    listener = Listener()
+    detector = HookRecorder()
+    eng = CallEngine("l1", listener, clock=ManualClock(), new_id=lambda: "c",
+                     detectors=[detector])
+    sig(eng, 0, Signal.RING_ON)
+    sig(eng, 1, Signal.HOOK_OFF)
+    sig(eng, 5, Signal.HOOK_ON)
+    sig(eng, 6, Signal.HOOK_OFF)
+    sig(eng, 9, Signal.HOOK_ON)
+    assert detector.hooks == [True, False, True, False]
+    assert detector.resets >= 2  # at least once per call start

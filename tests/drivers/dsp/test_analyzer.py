@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from drivers.dsp.analyzer import LineAnalyzer
-from drivers.dsp.events import Answer, DetectorEvent, DtmfDigit, Tone
+from drivers.dsp.events import Answer, CallerId, DetectorEvent, DtmfDigit, Tone
 from drivers.sim import synth
 from drivers.sim.backend import render
 from drivers.sim.scenario import load_scenario, parse_scenario
@@ -265,3 +265,25 @@ def test_reset_between_calls(country: str, ringback_s: float) -> None:
         answers = [e for e in events if isinstance(e, Answer)]
         assert len(answers) == 1
         assert abs(answers[0].sample - call.far_speech_sample) <= ANSWER_TOL
+
+
+def test_hook_state_runs_only_what_can_occur() -> None:
+    """On-hook: caller ID but no call progress; off-hook: call progress but no FSK."""
+    repo = Path(__file__).resolve().parents[3]
+    inbound, _, _ = render(load_scenario(repo / "examples" / "scenarios" / "inbound-us-bell202.toml"))
+    outbound, _, _ = render(load_scenario(repo / "examples" / "scenarios" / "outbound.toml"))
+
+    def run(pcm: np.ndarray, off_hook: bool, country: str) -> list:
+        analyzer = LineAnalyzer(country)
+        analyzer.hook(off_hook)
+        found = []
+        for s in range(0, len(pcm), 160):
+            found += analyzer.feed(s, pcm[s:s + 160])
+        return found
+
+    assert any(isinstance(e, CallerId) for e in run(inbound, False, "US"))
+    assert not any(isinstance(e, CallerId) for e in run(inbound, True, "US"))
+    assert any(isinstance(e, Tone) for e in run(outbound, True, "DE"))
+    on_hook = run(outbound, False, "DE")
+    assert not any(isinstance(e, (Tone, Answer)) for e in on_hook)
+    assert any(isinstance(e, DtmfDigit) for e in on_hook)  # DTMF caller ID needs digits

@@ -6,24 +6,33 @@ disagree after a crash. One connection is shared by the line threads behind a lo
 it runs in WAL mode with ``synchronous=FULL`` so a commit survives a power cut.
 Table and column names are a contract with the recorder, the CLI and the sync agent;
 docs/FORMAT.md ("Audit trail and catalogue") describes them.
+
+The schema is built and upgraded with sqlite-utils (:data:`MIGRATIONS`). sqlite-utils is
+imported only when a migration has to run (a new or outdated database): it costs the
+daemon about 9 MB of its 60 MB budget (docs/DEPENDENCIES.md). Routine reads and writes
+use the same stdlib ``sqlite3`` connection directly, with column names checked against
+the table's columns.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import decimal
+import json
 import logging
 import re
+import secrets
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeAlias
 
-import sqlite_utils
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlite_utils.db import NotFoundError
 
 from drivers.clock import Clock, SystemClock
 from drivers.line import SAMPLE_RATE
@@ -41,6 +50,9 @@ from firmware.audit import (
 )
 from firmware.fsutil import make_dirs
 from firmware.ids import Uuid7Factory
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +194,7 @@ def _migrate_v1(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
-Migration = tuple[int, Callable[[sqlite_utils.Database], None]]
+Migration: TypeAlias = "tuple[int, Callable[[sqlite_utils.Database], None]]"
 # Append only: (version, function), versions 1..n. Each runs in its own transaction.
 MIGRATIONS: tuple[Migration, ...] = ((1, _migrate_v1),)
 
@@ -192,6 +204,33 @@ SELECT r.*, c.direction, c.caller_number, c.caller_name, c.caller_id_standard,
        c.state AS call_state
 FROM recordings r JOIN calls c ON c.id = r.call_id
 """
+
+
+# --- plain sqlite3 helpers (the routine path, without sqlite-utils) -------------------
+
+def _quote(name: str) -> str:
+    """An SQL identifier in double quotes (sqlite.org/lang_keywords.html)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _sql_value(value: Any) -> Any:
+    """A Python value as stored by sqlite-utils' inserts and updates, so rows do not
+    depend on which path wrote them: containers as JSON text, dates and times in ISO
+    8601, UUIDs and durations as text, decimals as floats; the rest as sqlite3 binds it."""
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, default=repr, ensure_ascii=False)
+    if isinstance(value, (dt.date, dt.time)):  # datetime is a date
+        return value.isoformat()
+    if isinstance(value, (dt.timedelta, uuid.UUID)):
+        return str(value)
+    return value
+
+
+def _dict_rows(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
+    names = [column[0] for column in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor]
 
 
 # --- connections --------------------------------------------------------------------
@@ -235,6 +274,24 @@ def _check_migrations(migrations: Sequence[Migration]) -> int:
     return len(versions)
 
 
+def needs_migration(path: Path, migrations: Sequence[Migration] = MIGRATIONS,
+                    busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> bool:
+    """Whether opening ``path`` as a :class:`Catalogue` would run a migration (a missing
+    database counts). Uses its own short-lived connection and imports no sqlite-utils."""
+    latest = _check_migrations(migrations)
+    if not path.exists():
+        return True
+    try:
+        conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000)
+        try:
+            version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise CatalogueError(f"catalogue {path}: cannot read ({exc})") from exc
+    return version < latest
+
+
 # --- the catalogue ------------------------------------------------------------------
 
 class Catalogue:
@@ -249,11 +306,11 @@ class Catalogue:
         self.device_id = device_id
         try:
             self._migrate(migrations)
+            self._load_columns()
             self._claim_device(device_id)
         except BaseException:
             self.close()
             raise
-        self._load_columns()
 
     @classmethod
     def read_only(cls, path: Path, *, migrations: Sequence[Migration] = MIGRATIONS,
@@ -280,7 +337,6 @@ class Catalogue:
         self.clock = clock
         self.read_only_mode = read_only
         self._conn = conn
-        self._db = sqlite_utils.Database(conn, execute_plugins=False)
         self._lock = threading.RLock()
         self._ids = Uuid7Factory(clock)
         self._closed = False
@@ -320,16 +376,21 @@ class Catalogue:
         if current > latest:
             raise SchemaError(f"catalogue {self.path}: schema version {current} is newer than "
                               f"this firmware's {latest}; refusing to open it")
-        for version, apply in migrations[current:]:
-            self._apply_migration(version, apply)
+        if current == latest:
+            return
+        import sqlite_utils  # only here: see the module docstring
 
-    def _apply_migration(self, version: int,
-                         apply: Callable[[sqlite_utils.Database], None]) -> None:
+        db = sqlite_utils.Database(self._conn, execute_plugins=False)
+        for version, apply in migrations[current:]:
+            self._apply_migration(version, apply, db)
+
+    def _apply_migration(self, version: int, apply: Callable[[sqlite_utils.Database], None],
+                         db: sqlite_utils.Database) -> None:
         try:
             with self._write():
                 if self._user_version() >= version:  # another process got there first
                     return
-                apply(self._db)
+                apply(db)
                 self._conn.execute(f"PRAGMA user_version={int(version)}")
         except (sqlite3.Error, CatalogueError) as exc:
             raise SchemaError(f"catalogue {self.path}: migration to schema version {version} "
@@ -351,9 +412,9 @@ class Catalogue:
         with self._write():
             owner = self._meta("device_id")
             if owner is None:
-                self._db["meta"].insert({"key": "device_id", "value": device_id})
-                self._db["meta"].insert({"key": "created_at",
-                                         "value": iso_utc_ms(self.clock.wall())})
+                self._insert_row("meta", {"key": "device_id", "value": device_id}, "device_id")
+                self._insert_row("meta", {"key": "created_at",
+                                          "value": iso_utc_ms(self.clock.wall())}, "created_at")
             elif owner != device_id:
                 raise CatalogueError(f"catalogue {self.path}: belongs to device {owner!r}, "
                                      f"not {device_id!r}")
@@ -363,9 +424,14 @@ class Catalogue:
         return None if row is None else str(row[0])
 
     def _load_columns(self) -> None:
+        """Column names of every table: inserts and updates name only these."""
         with self._reading():
-            self._columns = {table: frozenset(self._db[table].columns_dict)
-                             for table in ("calls", "recordings")}
+            tables = [row[0] for row in self._conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' "
+                "AND name NOT LIKE 'sqlite%'")]
+            self._columns = {table: frozenset(
+                row[1] for row in self._conn.execute(f"PRAGMA table_info({_quote(table)})"))
+                for table in tables}
 
     # --- transactions --------------------------------------------------------------
     @contextmanager
@@ -387,7 +453,7 @@ class Catalogue:
         with self._lock:
             self._check_writable()
             if self._conn.in_transaction:
-                with self._db.atomic():  # a savepoint inside the outer transaction
+                with self._savepoint():
                     yield
                 return
             self._execute_control("BEGIN IMMEDIATE")
@@ -401,6 +467,21 @@ class Catalogue:
             except CatalogueError:
                 self._rollback()
                 raise
+
+    @contextmanager
+    def _savepoint(self) -> Iterator[None]:
+        """A nested unit inside the outer transaction (sqlite.org/lang_savepoint.html)."""
+        name = _quote(f"nested_{secrets.token_hex(8)}")
+        self._conn.execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            # A RAISE(ROLLBACK) can end the whole transaction, savepoint included.
+            if self._conn.in_transaction:
+                self._conn.execute(f"ROLLBACK TO SAVEPOINT {name}")
+                self._conn.execute(f"RELEASE SAVEPOINT {name}")
+            raise
+        self._conn.execute(f"RELEASE SAVEPOINT {name}")
 
     def _execute_control(self, statement: str) -> None:
         try:
@@ -446,11 +527,41 @@ class Catalogue:
         last = row.fetchone()
         return GENESIS_HEAD if last is None else ChainHead(int(last[0]), str(last[1]))
 
+    def _check_columns(self, table: str, names: Iterable[str]) -> None:
+        known = self._columns.get(table)
+        if known is None:
+            raise CatalogueError(f"catalogue {self.path}: no table {table!r}")
+        unknown = sorted(set(names) - known)
+        if unknown:
+            raise CatalogueError(f"catalogue {self.path}: {table} has no column(s) "
+                                 f"{', '.join(unknown)}")
+
     def _insert_row(self, table: str, row: Mapping[str, Any], what: str) -> None:
+        self._check_columns(table, row)
+        columns = ", ".join(_quote(name) for name in row)
+        marks = ", ".join("?" for _ in row)
+        # Names were checked against the schema just above; values are bound.
+        sql = f"INSERT INTO {_quote(table)} ({columns}) VALUES ({marks})"  # noqa: S608
         try:
-            self._db[table].insert(dict(row))
+            self._conn.execute(sql, [_sql_value(value) for value in row.values()])
         except sqlite3.Error as exc:
             raise CatalogueError(f"catalogue {self.path}: {table} {what}: {exc}") from exc
+
+    def _update_row(self, table: str, row_id: str, fields: Mapping[str, Any]) -> None:
+        """UPDATE one row by ``id``; :class:`NotFound` if there is none."""
+        self._check_columns(table, fields)  # the names below are the schema's own
+        name = _quote(table)
+        try:
+            if self._conn.execute(f"SELECT 1 FROM {name} WHERE id = ?",  # noqa: S608
+                                  (row_id,)).fetchone() is None:
+                raise NotFound(f"catalogue {self.path}: {table} has no row {row_id}")
+            if not fields:
+                return
+            sets = ", ".join(f"{_quote(column)} = ?" for column in fields)
+            self._conn.execute(f"UPDATE {name} SET {sets} WHERE id = ?",  # noqa: S608
+                               [*(_sql_value(value) for value in fields.values()), row_id])
+        except sqlite3.Error as exc:
+            raise CatalogueError(f"catalogue {self.path}: {table} {row_id}: {exc}") from exc
 
     def checkpoint(self, key: Ed25519PrivateKey) -> Checkpoint | None:
         """Sign the chain head; None (nothing written) if nothing happened since the last.
@@ -481,11 +592,10 @@ class Catalogue:
         return self._get("recordings", recording_id)
 
     def _get(self, table: str, row_id: str) -> dict[str, Any] | None:
+        sql = f"SELECT * FROM {_quote(table)} WHERE id = ?"  # noqa: S608 (calls or recordings)
         with self._reading():
-            try:
-                return self._db[table].get(row_id)
-            except NotFoundError:
-                return None
+            rows = _dict_rows(self._conn.execute(sql, (row_id,)))
+            return rows[0] if rows else None
 
     def recordings(self, state: str | None = None,
                    limit: int | None = None) -> list[dict[str, Any]]:
@@ -497,7 +607,8 @@ class Catalogue:
         sql = (f"{_RECORDING_LIST_SQL} {where} ORDER BY r.created_at DESC, r.id DESC "
                "LIMIT ?")
         with self._reading():
-            return list(self._db.query(sql, [*params, -1 if limit is None else limit]))
+            return _dict_rows(self._conn.execute(
+                sql, [*params, -1 if limit is None else limit]))
 
     def open_recordings(self) -> list[dict[str, Any]]:
         """Recordings still in state 'recording' (left open by a crash, at start-up)."""
@@ -505,13 +616,13 @@ class Catalogue:
 
     def active_calls(self) -> list[dict[str, Any]]:
         with self._reading():
-            return list(self._db.query(
+            return _dict_rows(self._conn.execute(
                 "SELECT * FROM calls WHERE state = 'active' ORDER BY started_at, id"))
 
     def outbox_pending(self, limit: int | None = None) -> list[dict[str, Any]]:
         """Outbox items still to send, oldest first."""
         with self._reading():
-            return list(self._db.query(
+            return _dict_rows(self._conn.execute(
                 "SELECT * FROM outbox WHERE state = 'pending' ORDER BY id LIMIT ?",
                 [-1 if limit is None else limit]))
 
@@ -566,8 +677,9 @@ class Txn:
                "sample_rate": SAMPLE_RATE, "started_offset_s": 0.0,
                "created_at": iso_utc_ms(self._cat.clock.wall()), **fields}
         if "line_id" not in row and "call_id" in row:
-            call = self._cat._db["calls"].rows_where("id = ?", [row["call_id"]])
-            row["line_id"] = next((c["line_id"] for c in call), None)
+            call = self._cat._conn.execute("SELECT line_id FROM calls WHERE id = ?",
+                                           (row["call_id"],)).fetchone()
+            row["line_id"] = None if call is None else call[0]
         self._insert("recordings", row)
         return str(row["id"])
 
@@ -611,28 +723,16 @@ class Txn:
         if not self._active:
             raise CatalogueError(f"catalogue {self._cat.path}: transaction already ended")
 
-    def _check_columns(self, table: str, fields: Mapping[str, Any]) -> None:
-        unknown = sorted(set(fields) - self._cat._columns[table])
-        if unknown:
-            raise CatalogueError(f"catalogue {self._cat.path}: {table} has no column(s) "
-                                 f"{', '.join(unknown)}")
-
     def _insert(self, table: str, row: dict[str, Any]) -> None:
         self._check_active()
-        self._check_columns(table, row)
         self._cat._insert_row(table, row, str(row["id"]))
 
     def _update(self, table: str, row_id: str, fields: dict[str, Any]) -> None:
         self._check_active()
-        self._check_columns(table, fields)
+        self._cat._check_columns(table, fields)
         if "id" in fields:
             raise CatalogueError(f"catalogue {self._cat.path}: {table} {row_id}: id is fixed")
-        try:
-            self._cat._db[table].update(row_id, fields)
-        except NotFoundError:
-            raise NotFound(f"catalogue {self._cat.path}: {table} has no row {row_id}") from None
-        except sqlite3.Error as exc:
-            raise CatalogueError(f"catalogue {self._cat.path}: {table} {row_id}: {exc}") from exc
+        self._cat._update_row(table, row_id, fields)
 
     def _execute(self, sql: str, params: Sequence[Any], what: str) -> sqlite3.Cursor:
         try:

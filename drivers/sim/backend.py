@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 NEAR_SPEECH_DBFS = -14.0  # the dealer's handset, near the tap
 FAR_SPEECH_DBFS = -22.0  # the customer, through the network
 TONE_DBFS = synth.dbm0(-13.0)  # per frequency; NANP precise dial tone is -13 dBm0 each
-BLOCK_SAMPLES = SAMPLE_RATE  # lazy synthesis chunk (1 s)
+BLOCK_SAMPLES = SAMPLE_RATE // 10  # lazy synthesis chunk (100 ms); a tone block needs ~56 B/sample
 NOISE_STREAM = 0x4E4F  # seed-sequence word of the noise-floor generator
 
 # Caller-ID timing.
@@ -100,6 +100,24 @@ class Samples:
 
     def blocks(self) -> Iterator[np.ndarray]:
         yield self.pcm
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPress:
+    """One DTMF key pressed on the dealer's phone, synthesized when it is heard."""
+
+    digit: str
+    on_s: float
+
+    def __post_init__(self) -> None:
+        synth.dtmf_freqs(self.digit)  # a bad key fails while the call is planned
+
+    @property
+    def n_samples(self) -> int:
+        return synth.n_samples(self.on_s)
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        yield synth.dtmf(self.digit, self.on_s, twist_db=synth.DTMF_TWIST_DB)
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,8 +330,7 @@ def _build_outbound(b: _Builder, call: Call, plan: TonePlan, out: _Outcome) -> s
     for i, digit in enumerate(keyed):
         if i:
             b.pause_between(KEY_GAP_S)
-        tone = synth.dtmf(digit, b.uniform(KEY_ON_S), twist_db=synth.DTMF_TWIST_DB)
-        out.digits.append(b.add(Samples(tone)))
+        out.digits.append(b.add(KeyPress(digit, b.uniform(KEY_ON_S))))
     if len(keyed) < len(dialed) or call.far_busy or not call.answered:
         _unanswered_outbound(b, call, plan, keyed != dialed)
         return "none"

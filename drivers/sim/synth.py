@@ -242,17 +242,27 @@ VOWEL_FORMANTS_HZ = np.array([
 FORMANT_BW_HZ = np.array([240.0, 300.0, 400.0, 550.0])
 F4_HZ = 3300.0
 STFT_N, STFT_HOP = 256, 64
+# Frames filtered at a time. Bounds the spectra alive at once (a 2.8 s phrase held as
+# whole spectra took 3.6 MB per line); any size gives the same samples.
+STFT_CHUNK_FRAMES = 16
 PHONE_BAND_HZ = (300.0, 3400.0)  # ITU-T G.712 telephone channel
 
 
 def _rosenberg(phase: np.ndarray) -> np.ndarray:
     """Glottal flow pulse shape over one period (Rosenberg 1971, open quotient 0.56)."""
     rise, fall = 0.40, 0.16
-    x = np.clip(phase / rise, 0.0, 1.0)
-    y = np.clip((phase - rise) / fall, 0.0, 1.0)
-    opening = 3 * x**2 - 2 * x**3
-    closing = 1.0 - y**2
-    return np.where(phase < rise, opening, np.where(phase < rise + fall, closing, 0.0))
+    pulse = np.zeros(phase.size)  # closed
+    closing = phase < rise + fall
+    y = phase[closing] - rise
+    y /= fall
+    np.clip(y, 0.0, 1.0, out=y)
+    pulse[closing] = 1.0 - y**2
+    del closing, y
+    opening = phase < rise  # overrides the closing branch below rise
+    x = phase[opening] / rise
+    np.clip(x, 0.0, 1.0, out=x)
+    pulse[opening] = 3 * x**2 - 2 * x**3
+    return pulse
 
 
 def _smooth_noise(n: int, rate_hz: float, rng: np.random.Generator) -> np.ndarray:
@@ -303,11 +313,21 @@ def _envelopes(n: int, syl: _Syllables) -> tuple[np.ndarray, np.ndarray]:
 
 def _f0_contour(n: int, voice: VoiceProfile, syl: _Syllables,
                 rng: np.random.Generator) -> np.ndarray:
-    declination = np.linspace(0.10, -0.12, n)
-    accents = np.interp(np.arange(n), 0.5 * (syl.bounds[:-1] + syl.bounds[1:]),
-                        rng.normal(0.0, 0.08, len(syl.gains)))
-    wander = 0.04 * _smooth_noise(n, 3.0, rng) + 0.012 * _smooth_noise(n, 40.0, rng)
-    return voice.f0_hz * np.exp(declination + accents + wander)
+    """Pitch in Hz: declination + accents + wander, in log frequency."""
+    log_f0 = np.linspace(0.10, -0.12, n)  # declination
+    log_f0 += np.interp(np.arange(n), 0.5 * (syl.bounds[:-1] + syl.bounds[1:]),
+                        rng.normal(0.0, 0.08, len(syl.gains)))  # accents
+    wander = _smooth_noise(n, 3.0, rng)
+    wander *= 0.04
+    fast = _smooth_noise(n, 40.0, rng)
+    fast *= 0.012
+    wander += fast
+    del fast
+    log_f0 += wander
+    del wander
+    np.exp(log_f0, out=log_f0)
+    log_f0 *= voice.f0_hz
+    return log_f0
 
 
 def _formant_gain(tracks: np.ndarray) -> np.ndarray:
@@ -320,18 +340,54 @@ def _formant_gain(tracks: np.ndarray) -> np.ndarray:
     return gain
 
 
-def _stft_filter(x: np.ndarray, gains: np.ndarray) -> np.ndarray:
-    """Weighted overlap-add filtering with one gain curve per frame."""
+def _stft_filter(x: np.ndarray, gains: _FrameGains) -> np.ndarray:
+    """Weighted overlap-add filtering with one gain curve per frame.
+
+    Frames are filtered :data:`STFT_CHUNK_FRAMES` at a time. Each output hop is the sum
+    of the hop-sized parts of the frames covering it, added in order of the part's place
+    in its frame (first part first), the same order for every chunk size.
+    """
+    overlap = STFT_N // STFT_HOP
     window = np.sqrt(np.hanning(STFT_N + 1)[:-1])
-    padded = np.concatenate([np.zeros(STFT_N), x, np.zeros(STFT_N)])
-    frames = sliding_window_view(padded, STFT_N)[::STFT_HOP]
-    spec = np.fft.rfft(frames * window, axis=1) * gains[:frames.shape[0]]
-    out_frames = np.fft.irfft(spec, STFT_N, axis=1) * window
-    out = np.zeros(frames.shape[0] * STFT_HOP + STFT_N)
-    parts = out_frames.reshape(frames.shape[0], STFT_N // STFT_HOP, STFT_HOP)
-    for k in range(STFT_N // STFT_HOP):
-        out[k * STFT_HOP:k * STFT_HOP + frames.shape[0] * STFT_HOP] += parts[:, k].ravel()
-    return out[STFT_N:STFT_N + x.size] / 2.0  # sqrt-Hann pair at 75 % overlap sums to 2
+    # Frame f covers x[f * hop - n : f * hop] (zeros outside x); hop h of the output
+    # (before the first n samples are dropped) is covered by frames h - overlap + 1 .. h.
+    n_frames = (x.size + STFT_N) // STFT_HOP + 1
+    out = np.empty(x.size)
+    earlier = np.zeros((overlap - 1, overlap, STFT_HOP))  # parts of the frames before
+    for start in range(0, n_frames + overlap, STFT_CHUNK_FRAMES):
+        stop = min(start + STFT_CHUNK_FRAMES, n_frames + overlap)
+        parts = np.zeros((stop - start, overlap, STFT_HOP))  # past the last frame: silence
+        last = min(stop, n_frames)
+        if last > start:
+            span = _zero_padded(x, start * STFT_HOP - STFT_N, (last - 1) * STFT_HOP)
+            frames = sliding_window_view(span, STFT_N)[::STFT_HOP]
+            spec = np.fft.rfft(frames * window, axis=1) * gains.rows(start, last)
+            parts[:last - start] = (np.fft.irfft(spec, STFT_N, axis=1) * window).reshape(
+                last - start, overlap, STFT_HOP)
+        covering = np.concatenate([earlier, parts])
+        hops = np.zeros((stop - start, STFT_HOP))
+        for k in range(overlap):
+            hops += covering[overlap - 1 - k:overlap - 1 - k + stop - start, k]
+        _place(out, hops.ravel(), start * STFT_HOP - STFT_N)
+        earlier = covering[-(overlap - 1):]
+    out /= 2.0  # sqrt-Hann pair at 75 % overlap sums to 2
+    return out
+
+
+def _zero_padded(x: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """x[lo:hi] with zeros where the range lies outside x."""
+    span = np.zeros(hi - lo)
+    a, b = max(lo, 0), min(hi, x.size)
+    if b > a:
+        span[a - lo:b - lo] = x[a:b]
+    return span
+
+
+def _place(out: np.ndarray, values: np.ndarray, at: int) -> None:
+    """out[at:at + len(values)] = values, clipped to out."""
+    a, b = max(at, 0), min(at + values.size, out.size)
+    if b > a:
+        out[a:b] = values[a - at:b - at]
 
 
 def _band_gain(f: np.ndarray, low_hz: float, high_hz: float) -> np.ndarray:
@@ -339,23 +395,40 @@ def _band_gain(f: np.ndarray, low_hz: float, high_hz: float) -> np.ndarray:
     return 1.0 / (1.0 + (low_hz / np.maximum(f, 1.0)) ** 8) / (1.0 + (f / high_hz) ** 16)
 
 
+@dataclass(frozen=True, slots=True)
+class _FrameGains:
+    """Per-STFT-frame gain curves of one phrase: formants while voiced, a hiss shape on
+    fricatives. The curves are made on demand, a few frames at a time (:meth:`rows`)."""
+
+    tracks: np.ndarray  # (frames, 4) formant centres, Hz
+    voiced: np.ndarray  # (frames, 1) voiced envelope at each frame
+    fric: np.ndarray  # (frames, 1) fricative envelope at each frame
+    hiss: np.ndarray  # (bins,) fricative spectrum, unit RMS
+    channel: np.ndarray  # (bins,) telephone band and handset tilt
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Gain curves of frames ``start`` to ``stop`` - 1, shape (frames, bins)."""
+        formant = _formant_gain(self.tracks[start:stop])
+        formant /= np.sqrt(np.mean(formant**2, axis=1, keepdims=True))
+        v, u = self.voiced[start:stop], self.fric[start:stop]
+        mix = (v * formant + u * self.hiss[None, :]) / (v + u + 1e-9)
+        return mix * self.channel[None, :]
+
+
 def _frame_gains(n: int, voice: VoiceProfile, syl: _Syllables, voiced_env: np.ndarray,
-                 fric_env: np.ndarray) -> np.ndarray:
-    """Per-STFT-frame gain curves: formants while voiced, a hiss shape on fricatives."""
+                 fric_env: np.ndarray) -> _FrameGains:
     centres = 0.5 * (syl.bounds[:-1] + syl.bounds[1:])
     frame_pos = np.arange(n // STFT_HOP + STFT_N // STFT_HOP + 2) * STFT_HOP - STFT_N / 2
     tracks = np.column_stack(
         [np.interp(frame_pos, centres, syl.formants[:, j]) for j in range(3)]
         + [np.full(frame_pos.size, F4_HZ * voice.formant_scale ** 0.5)])
     f = np.fft.rfftfreq(STFT_N, 1.0 / SAMPLE_RATE)
-    formant = _formant_gain(np.minimum(tracks, 3700.0))
-    formant /= np.sqrt(np.mean(formant**2, axis=1, keepdims=True))
     hiss = 1.0 / (1.0 + ((f - 3000.0) / 900.0) ** 2)
     hiss /= np.sqrt(np.mean(hiss**2))
     idx = np.clip(frame_pos.astype(np.int64), 0, n - 1)
-    v, u = voiced_env[idx][:, None], fric_env[idx][:, None]
-    mix = (v * formant + u * hiss[None, :]) / (v + u + 1e-9)
-    return mix * (_band_gain(f, *PHONE_BAND_HZ) * _send_tilt(f))[None, :]
+    return _FrameGains(np.minimum(tracks, 3700.0), voiced_env[idx][:, None],
+                       fric_env[idx][:, None], hiss,
+                       _band_gain(f, *PHONE_BAND_HZ) * _send_tilt(f))
 
 
 def _send_tilt(f: np.ndarray) -> np.ndarray:
@@ -365,24 +438,64 @@ def _send_tilt(f: np.ndarray) -> np.ndarray:
 
 def _soft_limit(x: np.ndarray, ceiling: float = 0.95) -> np.ndarray:
     """Gentle peak limiter (a handset/codec never exceeds full scale)."""
-    return ceiling * np.tanh(x / ceiling)
+    out = x / ceiling
+    np.tanh(out, out=out)
+    out *= ceiling
+    return out
+
+
+def _glottal_phase(n: int, voice: VoiceProfile, syl: _Syllables,
+                   rng: np.random.Generator) -> np.ndarray:
+    """Position within the pitch period, 0..1, sample by sample."""
+    phase = np.cumsum(_f0_contour(n, voice, syl, rng))
+    phase /= SAMPLE_RATE
+    np.mod(phase, 1.0, out=phase)
+    return phase
+
+
+def _voiced_source(n: int, voice: VoiceProfile, syl: _Syllables, voiced_env: np.ndarray,
+                   rng: np.random.Generator) -> np.ndarray:
+    """Glottal pulses with shimmer, unit RMS, shaped by the voiced envelope."""
+    glottal = np.diff(_rosenberg(_glottal_phase(n, voice, syl, rng)), prepend=0.0)
+    shimmer = rng.standard_normal(n)
+    shimmer *= 0.1
+    shimmer += 1.0
+    glottal *= shimmer
+    del shimmer
+    glottal /= np.std(glottal) + 1e-12
+    glottal *= voiced_env
+    return glottal
 
 
 def _phrase(n: int, voice: VoiceProfile, rng: np.random.Generator,
             level_dbfs: float) -> np.ndarray:
-    """One phrase: a run of syllables with a falling intonation."""
+    """One phrase: a run of syllables with a falling intonation.
+
+    Phrase-long arrays are updated in place and dropped as soon as they are used: the
+    daemon synthesizes one phrase per simulated line at once, and each such array of a
+    2.8 s phrase is 175 kB.
+    """
     syl = _plan_syllables(n, voice, rng)
     voiced_env, fric_env = _envelopes(n, syl)
-    f0 = _f0_contour(n, voice, syl, rng)
-    glottal = np.diff(_rosenberg(np.mod(np.cumsum(f0) / SAMPLE_RATE, 1.0)), prepend=0.0)
-    glottal *= 1.0 + 0.1 * rng.standard_normal(n)  # shimmer
-    source = glottal / (np.std(glottal) + 1e-12) * voiced_env
-    source += rng.standard_normal(n) * (0.06 * voiced_env + 0.2 * fric_env)  # breath, hiss
-    out = _stft_filter(source, _frame_gains(n, voice, syl, voiced_env, fric_env))
+    gains = _frame_gains(n, voice, syl, voiced_env, fric_env)
     active = (voiced_env + fric_env) > 0.05
+    noise_env = 0.06 * voiced_env  # breath while voiced, hiss on fricatives
+    noise_env += 0.2 * fric_env
+    del fric_env
+    source = _voiced_source(n, voice, syl, voiced_env, rng)
+    del voiced_env
+    breath = rng.standard_normal(n)
+    breath *= noise_env
+    del noise_env
+    source += breath
+    del breath
+    out = _stft_filter(source, gains)
+    del source
     rms = np.sqrt(np.mean(out[active] ** 2)) if active.any() else 1.0
     gain_db = rng.normal(0.0, 1.5)
-    return _soft_limit(out / (rms + 1e-12) * rms_amplitude(level_dbfs + gain_db))
+    out /= rms + 1e-12
+    out *= rms_amplitude(level_dbfs + gain_db)
+    return _soft_limit(out)
 
 
 MIN_PHRASE_S = 0.3

@@ -8,10 +8,10 @@ Table and column names are a contract with the recorder, the CLI and the sync ag
 docs/FORMAT.md ("Audit trail and catalogue") describes them.
 
 The schema is built and upgraded with sqlite-utils (:data:`MIGRATIONS`). sqlite-utils is
-imported only when a migration has to run (a new or outdated database): it costs the
-daemon about 9 MB of its 60 MB budget (docs/DEPENDENCIES.md). Routine reads and writes
-use the same stdlib ``sqlite3`` connection directly, with column names checked against
-the table's columns.
+imported only when a migration has to run (a new or outdated database; see
+:func:`needs_migration`): it would keep 3.5 MB of the daemon's 60 MB budget
+(docs/DEPENDENCIES.md). Routine reads and writes use the same stdlib ``sqlite3``
+connection directly, with column names checked against the table's columns.
 """
 
 from __future__ import annotations

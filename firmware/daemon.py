@@ -18,8 +18,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from drivers.clock import Clock
 from drivers.dsp.events import Detector
 from drivers.line import LineBackend, LineClosed, LineError
@@ -27,7 +25,6 @@ from drivers.registry import open_line
 from firmware import __version__
 from firmware.agecrypt import Recipient
 from firmware.catalogue import Catalogue, needs_migration
-from firmware.codec import alaw_encode
 from firmware.config import Config
 from firmware.engine import CallEngine, EngineLimits
 from firmware.ids import Uuid7Factory
@@ -111,7 +108,6 @@ class Appliance:
                                 limits=limits,
                                 detectors=self.detectors(cfg.line_country(line_cfg)))
             self.runners.append(LineRunner(line, engine, recorder))
-        _build_shared_tables()
         for runner in self.runners:
             runner.thread = threading.Thread(target=self._line_loop, args=(runner,),
                                              name=f"line-{runner.line.line_id}", daemon=True)
@@ -222,16 +218,6 @@ def _one_malloc_arena() -> None:
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is None or mallopt(M_ARENA_MAX, 1) != 1:
         log.debug("mallopt(M_ARENA_MAX) not available: one malloc arena per thread")
-
-
-def _build_shared_tables() -> None:
-    """Build the process-wide lookup tables before the line threads start.
-
-    The A-law encode table is built on first use with about 3 MB of temporaries; line
-    threads reaching their first call together would each build it at the same time
-    (12 MB with four lines, against a 60 MB budget for the whole daemon).
-    """
-    alaw_encode(np.zeros(1, dtype=np.int16))
 
 
 def _peak_rss_kib() -> int:

@@ -453,9 +453,9 @@ def _glottal_phase(n: int, voice: VoiceProfile, syl: _Syllables,
     return phase
 
 
-def _voiced_source(n: int, voice: VoiceProfile, syl: _Syllables, voiced_env: np.ndarray,
-                   rng: np.random.Generator) -> np.ndarray:
-    """Glottal pulses with shimmer, unit RMS, shaped by the voiced envelope."""
+def _glottal_pulses(n: int, voice: VoiceProfile, syl: _Syllables,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Glottal flow derivative with shimmer, unit RMS."""
     glottal = np.diff(_rosenberg(_glottal_phase(n, voice, syl, rng)), prepend=0.0)
     shimmer = rng.standard_normal(n)
     shimmer *= 0.1
@@ -463,7 +463,6 @@ def _voiced_source(n: int, voice: VoiceProfile, syl: _Syllables, voiced_env: np.
     glottal *= shimmer
     del shimmer
     glottal /= np.std(glottal) + 1e-12
-    glottal *= voiced_env
     return glottal
 
 
@@ -471,19 +470,20 @@ def _phrase(n: int, voice: VoiceProfile, rng: np.random.Generator,
             level_dbfs: float) -> np.ndarray:
     """One phrase: a run of syllables with a falling intonation.
 
-    Phrase-long arrays are updated in place and dropped as soon as they are used: the
-    daemon synthesizes one phrase per simulated line at once, and each such array of a
-    2.8 s phrase is 175 kB.
+    Phrase-long arrays (175 kB each for a 2.8 s phrase) are made as late as possible,
+    updated in place and dropped as soon as they are used: the simulated lines count
+    against the daemon's memory budget. The envelopes draw no random numbers, so making
+    them after the pulses keeps the generator's order and the samples.
     """
     syl = _plan_syllables(n, voice, rng)
+    source = _glottal_pulses(n, voice, syl, rng)
     voiced_env, fric_env = _envelopes(n, syl)
     gains = _frame_gains(n, voice, syl, voiced_env, fric_env)
     active = (voiced_env + fric_env) > 0.05
+    source *= voiced_env
     noise_env = 0.06 * voiced_env  # breath while voiced, hiss on fricatives
     noise_env += 0.2 * fric_env
-    del fric_env
-    source = _voiced_source(n, voice, syl, voiced_env, rng)
-    del voiced_env
+    del voiced_env, fric_env
     breath = rng.standard_normal(n)
     breath *= noise_env
     del noise_env

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import re
+import threading
 import tomllib
 from datetime import datetime
 from pathlib import Path
@@ -38,6 +39,11 @@ NAME_LIMITS = {"bell202": MAX_NAME_CHARS_GR30, "v23": MAX_NAME_CHARS_ETSI,
                "v23_dtas": MAX_NAME_CHARS_ETSI}
 DTMF_KEYS = set("0123456789*#ABCD")
 DEFAULT_START = datetime(2025, 1, 6, 8, 0)  # a Monday morning; only dates caller-ID messages
+
+
+# msgspec 0.22 builds a Struct type's decoding info on first use; two line threads doing
+# that at once crashed the daemon at start (about 1 in 13 runs). One convert at a time.
+_CONVERT_LOCK = threading.Lock()
 
 
 class ScenarioError(LineConfigError):
@@ -112,7 +118,8 @@ def parse_scenario(text: str, label: str = "<scenario>") -> Scenario:
 def scenario_from_dict(raw: dict[str, Any], label: str = "<scenario>") -> Scenario:
     """Validate an already-parsed scenario table."""
     try:
-        scenario = msgspec.convert(raw, Scenario, strict=True)
+        with _CONVERT_LOCK:
+            scenario = msgspec.convert(raw, Scenario, strict=True)
     except msgspec.ValidationError as exc:
         raise ScenarioError(f"{label}: {_explain(str(exc), raw)}") from exc
     problem = _check_scenario(scenario, raw)

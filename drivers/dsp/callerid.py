@@ -429,14 +429,16 @@ class CallerIdDetector:
     def _feed_fsk(self, sample: int, pcm: np.ndarray) -> list[DetectorEvent]:
         assert self._demod is not None
         self._history.add(sample, pcm)
-        levels, margins = self._demod.demodulate(pcm)
+        start = sample - self._demod.delay
         events: list[DetectorEvent] = []
-        for byte in self._uart.feed(sample - self._demod.delay, levels, margins):
-            message = self._framer.push(byte)
-            if message is not None:
-                event = self._decode(message)
-                if event is not None:
-                    events.append(event)
+        for offset, levels, soft in self._demod.demodulate_spans(pcm):
+            self._uart.skip_to(start + offset)
+            for byte in self._uart.feed(start + offset, levels, soft):
+                message = self._framer.push(byte)
+                if message is not None:
+                    event = self._decode(message)
+                    if event is not None:
+                        events.append(event)
         return events
 
     def _decode(self, message: list[UartByte]) -> CallerId | None:

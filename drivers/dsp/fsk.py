@@ -34,6 +34,16 @@ log = logging.getLogger(__name__)
 FULL_SCALE = 32768.0
 BOXCAR_LEN = 7  # samples, ~1 bit at 1200 baud; odd so the delay is a whole sample
 MIN_CARRIER_SHARE = 0.5  # mark + space power / signal power
+# Carrier gate: the carrier test below is first made on every GATE_STEP-th sample only;
+# the per-sample demodulator then runs where blocks of GATE_LEN samples (5 ms) pass it at
+# all GATE_HITS of their GATE_LEN / GATE_STEP points, GATE_RUN blocks in a row (30 ms, one
+# failed block bridged; the shortest caller-ID burst holds 100 ms of carrier before its
+# first byte), widened by two blocks on each side. Silence and most speech skip the
+# demodulator (measured on the simulator's mixed calls: 3.7 % of the audio is demodulated).
+GATE_STEP = 8
+GATE_LEN = 40
+GATE_HITS = 5
+GATE_RUN = 6
 DEFAULT_MIN_LEVEL_DBFS = -50.0
 # A bit decided with |soft| below this is "weak": noise may have flipped it. At 20 dB S/N
 # no bit of a clean burst is weak; bits flipped by noise nearly always are.
@@ -80,10 +90,14 @@ class FskDemodulator:
         amp = FULL_SCALE * 10.0 ** (min_level_dbfs / 20.0)
         self._min_power = amp * amp / 2.0 * BOXCAR_LEN
         self._table = np.zeros((0, 5))
+        n = np.arange(BOXCAR_LEN)[:, None] * self._omega
+        self._gate_table = np.column_stack([np.cos(n[:, 0]), np.sin(n[:, 0]),
+                                            np.cos(n[:, 1]), np.sin(n[:, 1])])
         self.reset()
 
     def reset(self) -> None:
         self._tail = np.zeros(BOXCAR_LEN - 1)
+        self._gate_carry = 0  # blocks at the next input's start that the gate widens into
 
     @property
     def delay(self) -> int:
@@ -96,14 +110,59 @@ class FskDemodulator:
         levels: MARK / SPACE / NO_CARRIER (int8); soft: (m - s) / (m + s) of the mark and
         space powers, -1 (space only) .. +1 (mark only); its size is the confidence.
         """
+        levels = np.full(len(pcm), NO_CARRIER, dtype=np.int8)
+        soft = np.zeros(len(pcm))
+        for offset, span_levels, span_soft in self.demodulate_spans(pcm):
+            levels[offset: offset + len(span_levels)] = span_levels
+            soft[offset: offset + len(span_soft)] = span_soft
+        return levels, soft
+
+    def demodulate_spans(self, pcm: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """Like :meth:`demodulate`, but only the stretches that may hold a carrier, as
+        (offset into ``pcm``'s outputs, levels, soft); everything else is NO_CARRIER."""
         x = np.concatenate([self._tail, pcm])
         self._tail = x[len(x) - (BOXCAR_LEN - 1):]
         if float(np.abs(x).max()) ** 2 * BOXCAR_LEN < self._min_power:
-            # too quiet for a carrier anywhere (the common case on an idle line)
-            return np.full(len(pcm), NO_CARRIER, dtype=np.int8), np.zeros(len(pcm))
+            self._gate_carry = 0  # too quiet for a carrier anywhere (an idle line)
+            return []
+        return [(a, *self._demodulate(x[a: b + BOXCAR_LEN - 1]))
+                for a, b in self._gated_spans(x)]
+
+    def _gated_spans(self, x: np.ndarray) -> list[tuple[int, int]]:
+        """Output ranges [a, b) (output j is centred on x[j + delay]) where a carrier may be:
+        runs of >= GATE_RUN carrier-like blocks (or cut by the input's edges), widened by
+        two blocks on each side."""
+        n_blocks = -(-len(x) // GATE_LEN)
+        padded = np.zeros(n_blocks * GATE_LEN)
+        padded[: len(x)] = x
+        windows = padded.reshape(-1, GATE_STEP)[:, :BOXCAR_LEN]
+        sums = windows @ self._gate_table
+        both = np.einsum("ij,ij->i", sums, sums)
+        power = np.einsum("ij,ij->i", windows, windows)
+        carrier = (both * (2.0 / BOXCAR_LEN) >= MIN_CARRIER_SHARE * power) & (
+            power >= self._min_power)
+        full = len(x) // GATE_LEN  # a partial last block counts as carrier-like
+        like = np.ones(n_blocks, dtype=bool)
+        like[:full] = carrier[: full * GATE_LEN // GATE_STEP].reshape(
+            full, GATE_LEN // GATE_STEP).sum(axis=1) >= GATE_HITS
+        like[1:-1] |= like[:-2] & like[2:]  # bridge one failed block (noise)
+        n_out = len(x) - BOXCAR_LEN + 1  # output j is centred in block (j + delay) // GATE_LEN
+        blocks = [(0, self._gate_carry)] if self._gate_carry else []  # the last input's
+        self._gate_carry = 0                                          # run, widened into this
+        for a, b in _runs(like):  # blocks [a, b)
+            if b - a < GATE_RUN and a > 0 and b < n_blocks:
+                continue  # too short, and not cut by the input's edges
+            if b == n_blocks:  # may go on in the next input
+                self._gate_carry = 2
+            blocks.append((max(a - 2, 0), min(b + 2, n_blocks)))
+        spans = [(max(a * GATE_LEN - self.delay, 0), min(b * GATE_LEN - self.delay, n_out))
+                 for a, b in blocks]
+        return _merge(spans)
+
+    def _demodulate(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Levels and soft values of ``len(x) - BOXCAR_LEN + 1`` outputs."""
         # columns: x cos(wm n), -x sin(wm n), x cos(ws n), -x sin(ws n), x^2 -- the phase
-        # origin is the chunk start; only magnitudes are used, and the carried tail is
-        # remixed with the same origin as the new samples.
+        # origin is the span's start; only magnitudes are used.
         y = x[:, None] * self._oscillators(len(x))
         y[:, 4] *= x
         sums = _boxcar(y)
@@ -126,6 +185,25 @@ class FskDemodulator:
                                            np.cos(phase[:, 1]), -np.sin(phase[:, 1]),
                                            np.ones(len(phase))])
         return self._table[:n]
+
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) index ranges of the runs of True in ``flags``."""
+    edges = np.flatnonzero(np.diff(flags, prepend=False, append=False)).tolist()
+    return list(zip(edges[0::2], edges[1::2], strict=True))
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted ranges with the overlapping and touching ones joined."""
+    out: list[tuple[int, int]] = []
+    for a, b in spans:
+        if b <= a:
+            continue
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 def _boxcar(x: np.ndarray) -> np.ndarray:
@@ -190,6 +268,13 @@ class Uart8N1:
         self._buf, self._soft_buf = levels[keep_from:], soft[keep_from:]
         self._base += keep_from
         return out
+
+    def skip_to(self, start: int) -> None:
+        """No carrier on the line until line sample ``start`` (where the next levels begin):
+        a byte still being read is dropped. Nothing happens if the levels fed so far
+        already reach ``start``."""
+        if self._started and start > self._base + len(self._buf):
+            self._idle(start)
 
     def _idle(self, end: int) -> None:
         """Everything before line sample ``end`` was without carrier."""

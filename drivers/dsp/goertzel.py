@@ -40,6 +40,11 @@ class GoertzelBank:
         table[:, 1::2] = -weights * np.sin(phase)
         self._table = table
 
+    @property
+    def table(self) -> np.ndarray:
+        """The (block_len, 2 * n_freqs) real table: ``(blocks @ table).view(complex128)``."""
+        return self._table
+
     def analyse(self, blocks: np.ndarray) -> np.ndarray:
         """Complex DFT bins, shape (n_blocks, n_freqs), of float64 ``blocks`` (n_blocks, N).
 

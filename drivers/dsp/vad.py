@@ -27,10 +27,10 @@ Frame decisions lag the audio by one frame (the tonality looks one window ahead)
 from __future__ import annotations
 
 import logging
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from drivers.dsp.events import SAMPLE_RATE, DetectorEvent, Voice
 from drivers.dsp.tones import CallProgressConfigError
@@ -46,6 +46,7 @@ TONAL_SHARE = 0.85  # two peaks hold this share: a steady tone (speech: 95th pct
 ON_MARGIN_DB = 9.0  # active above the floor (white noise frames: sigma 0.5 dB)
 MIN_VOICE_DBFS = -50.0
 FLOOR_WINDOW_S = 3.0
+FLOOR_FRAMES = round(FLOOR_WINDOW_S * SAMPLE_RATE / FRAME_LEN)
 FLOOR_MIN_DBFS = -70.0
 FLOOR_MAX_DBFS = -30.0  # a floor above this is speech without pauses, not noise
 HANGOVER_FRAMES = 10  # 200 ms of inactivity ends a segment
@@ -124,7 +125,8 @@ class VoiceDetector:
         self._frame_start = 0  # line sample of the next unanalysed frame
         self._prev = np.zeros(FRAME_LEN)
         self._held: tuple[float, bool] | None = None  # newest frame: energy, tonal window
-        self._floor_mins: deque[tuple[int, float]] = deque()  # (frame sample, dBFS)
+        # non-tonal energies (dBFS; inf for tonal frames) of the frames before the next one
+        self._quiet_history = np.full(FLOOR_FRAMES - 1, np.inf)
         self._seg_start: int | None = None
         self._seg_end = 0
         self._seg_frames = 0
@@ -191,7 +193,7 @@ class VoiceDetector:
         if len(energy) < 2:
             return []
         tonal = core[:-1] | core[1:]
-        active = self._active(first_sample, energy[:-1], tonal)
+        active = self._active(energy[:-1], tonal)
         self.last_frames = FrameActivity(first_sample, active, tonal)
         return self._segments(first_sample, active)
 
@@ -207,27 +209,24 @@ class VoiceDetector:
         held_loud = self._held is not None and self._held[0] >= bound
         need = np.flatnonzero(loud | np.concatenate([[held_loud], loud[:-1]]))
         if len(need):
-            rows = np.concatenate([self._prev, audio]).reshape(-1, FRAME_LEN)
-            windows = np.hstack([rows[need], rows[need + 1]])  # previous frame + this one
+            flat = np.concatenate([self._prev, audio])
+            # window i: the previous frame and frame i, a view into flat (no copy)
+            windows = sliding_window_view(flat, WINDOW_LEN)[::FRAME_LEN][need]
             core[need] = self._spectra.share(windows) >= TONAL_SHARE
         return core
 
-    def _active(self, first_sample: int, energy: np.ndarray, tonal: np.ndarray) -> np.ndarray:
-        """Frames above the floor; the floor at a frame knows only the frames up to it."""
-        horizon = first_sample - round(FLOOR_WINDOW_S * SAMPLE_RATE)
-        while self._floor_mins and self._floor_mins[0][0] < horizon:
-            self._floor_mins.popleft()
-        quiet = np.where(tonal, np.inf, energy)
-        floor = np.clip(np.minimum(np.minimum.accumulate(quiet), self._floor()),
-                        FLOOR_MIN_DBFS, FLOOR_MAX_DBFS)
-        k = int(quiet.argmin())
-        if np.isfinite(quiet[k]):  # each batch keeps its quietest frame, with its time
-            self._floor_mins.append((first_sample + k * FRAME_LEN, float(quiet[k])))
+    def _active(self, energy: np.ndarray, tonal: np.ndarray) -> np.ndarray:
+        """Frames above the floor: the lowest non-tonal energy of the FLOOR_FRAMES frames up
+        to and including each frame (the same at any batch size)."""
+        quiet = np.concatenate([self._quiet_history, np.where(tonal, np.inf, energy)])
+        self._quiet_history = quiet[len(quiet) - (FLOOR_FRAMES - 1):]
+        lowest = sliding_window_view(quiet, FLOOR_FRAMES).min(axis=1)
+        floor = np.clip(lowest, FLOOR_MIN_DBFS, FLOOR_MAX_DBFS)
         return (energy >= floor + ON_MARGIN_DB) & (energy >= MIN_VOICE_DBFS) & ~tonal
 
     def _floor(self) -> float:
-        """Lowest non-tonal frame energy of the recent batches (inf: none yet), dBFS."""
-        return min([m for _, m in self._floor_mins], default=np.inf)
+        """Lowest non-tonal frame energy of the last FLOOR_FRAMES - 1 frames (inf: none)."""
+        return float(self._quiet_history.min())
 
     # --- segments ------------------------------------------------------------------------
     def _segments(self, first_sample: int, active: np.ndarray) -> list[DetectorEvent]:

@@ -104,13 +104,11 @@ def analyze_file(path: Path, analyzer: Any, out: TextIO, *, as_json: bool) -> in
     sample = 0
     count = 0
     for chunk in read_wav(path):
-        for start in range(0, len(chunk), 160):
-            frame = chunk[start:start + 160]
-            for event in analyzer.feed(sample, frame):
-                record = event_record(event)
-                out.write((json.dumps(record) if as_json else _timeline_line(record)) + "\n")
-                count += 1
-            sample += len(frame)
+        for event in analyzer.feed(sample, chunk):
+            record = event_record(event)
+            out.write((json.dumps(record) if as_json else _timeline_line(record)) + "\n")
+            count += 1
+        sample += len(chunk)
     for event in getattr(analyzer, "finish", lambda s: [])(sample):
         record = event_record(event)
         out.write((json.dumps(record) if as_json else _timeline_line(record)) + "\n")

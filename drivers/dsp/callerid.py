@@ -312,24 +312,28 @@ class _FskFramer:
 
 
 class _AudioHistory:
-    """The last HISTORY_SAMPLES of raw audio on the line timeline (a ring buffer)."""
+    """At least the last HISTORY_SAMPLES of raw audio before the newest stretch added, and
+    that stretch, on the line timeline (a ring buffer that grows with the stretches)."""
 
     def __init__(self) -> None:
         self._ring = np.zeros(HISTORY_SAMPLES, dtype=np.float32)
         self._end = 0  # line sample after the newest one stored
 
     def add(self, sample: int, pcm: np.ndarray) -> None:
-        if len(pcm) > HISTORY_SAMPLES:
-            sample += len(pcm) - HISTORY_SAMPLES
-            pcm = pcm[-HISTORY_SAMPLES:]
-        pos = sample % HISTORY_SAMPLES
-        first = min(len(pcm), HISTORY_SAMPLES - pos)
-        self._ring[pos: pos + first] = pcm[:first]
-        self._ring[: len(pcm) - first] = pcm[first:]
+        size = len(self._ring)
+        if len(pcm) + HISTORY_SAMPLES > size:  # a big batch (a file): keep all of it too
+            grown = len(pcm) + HISTORY_SAMPLES
+            kept = self.get(self._end - size, self._end).astype(np.float32)
+            self._ring = np.zeros(grown, dtype=np.float32)
+            pos = (self._end - len(kept)) % grown
+            self._ring.put(np.arange(pos, pos + len(kept)), kept, mode="wrap")
+            size = grown
+        pos = sample % size
+        self._ring.put(np.arange(pos, pos + len(pcm)), pcm, mode="wrap")
         self._end = sample + len(pcm)
 
     def get(self, start: int, end: int) -> np.ndarray:
-        start = max(start, self._end - HISTORY_SAMPLES)
+        start = max(start, self._end - len(self._ring), 0)
         if end <= start:
             return np.zeros(0)
         return self._ring.take(np.arange(start, end), mode="wrap").astype(np.float64)

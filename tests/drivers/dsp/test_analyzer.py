@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from drivers.dsp.analyzer import LineAnalyzer
+from drivers.dsp.analyzer import FILE_BATCH_SAMPLES, LineAnalyzer
 from drivers.dsp.events import Answer, CallerId, DetectorEvent, DtmfDigit, Tone
 from drivers.sim import synth
 from drivers.sim.backend import render
@@ -287,3 +287,19 @@ def test_hook_state_runs_only_what_can_occur() -> None:
     on_hook = run(outbound, False, "DE")
     assert not any(isinstance(e, (Tone, Answer)) for e in on_hook)
     assert any(isinstance(e, DtmfDigit) for e in on_hook)  # DTMF caller ID needs digits
+
+
+def _records(events: list[DetectorEvent]) -> list[str]:
+    return sorted(repr(e) for e in events)
+
+
+@pytest.mark.parametrize("scenario", sorted(p.name for p in EXAMPLES.glob("*.toml")))
+def test_file_batches_hear_exactly_what_the_live_line_hears(scenario: str) -> None:
+    """`analyze` feeds 10 s batches; the call engine 20 ms frames. Same events, same times."""
+    pcm, _, _ = render(load_scenario(EXAMPLES / scenario))
+    live = LineAnalyzer("DE")
+    file = LineAnalyzer("DE", batch_samples=FILE_BATCH_SAMPLES)
+    live_events = analyse(live, pcm, frame=160)
+    file_events = analyse(file, pcm, frame=FILE_BATCH_SAMPLES)
+    assert live_events, "the scenario should produce events"
+    assert _records(file_events) == _records(live_events)

@@ -13,10 +13,16 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from firmware import __version__
 from firmware.config import DEFAULT_PATH
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from firmware.config import Config
+    from firmware.policyfile import PolicySet
 
 log = logging.getLogger("edge-recorder")
 
@@ -148,10 +154,11 @@ def cmd_sim_render(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from drivers.dsp.analyzer import LineAnalyzer
+    from drivers.dsp.analyzer import FILE_BATCH_SAMPLES, LineAnalyzer
     from firmware.analyze import analyze_file
 
-    analyze_file(args.file, LineAnalyzer(country=args.country), sys.stdout, as_json=args.json)
+    analyzer = LineAnalyzer(country=args.country, batch_samples=FILE_BATCH_SAMPLES)
+    analyze_file(args.file, analyzer, sys.stdout, as_json=args.json)
     return 0
 
 
@@ -159,6 +166,143 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from firmware.demo import run_demo
 
     return run_demo(out_dir=args.out, speed=args.speed, scenario=args.scenario)
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from firmware.report import policy_markdown, print_policy
+
+    policy, _ = _load_policy(args)
+    if args.markdown:
+        print(policy_markdown(policy), end="")
+    else:
+        print_policy(policy)
+    return 0
+
+
+def cmd_policy_show(args: argparse.Namespace) -> int:
+    from firmware.compliance import CompliancePolicy, SitePolicy
+    from firmware.policy import CallFacts
+
+    policy, config = _load_policy(args)
+    directions = ("inbound", "outbound") if args.direction == "unknown" else (args.direction,)
+    rules = [policy.rule(args.country, d) for d in directions]
+    site = SitePolicy.from_config(config) if config is not None else SitePolicy()
+    number = args.number
+    decision = CompliancePolicy(policy, args.country, site).decide(CallFacts(
+        line_id="-", jurisdiction=args.country, direction=args.direction,
+        caller_number=number if args.direction != "outbound" else None,
+        dialed_number=number if args.direction != "inbound" else None))
+    info = {**decision.as_dict(), "name": rules[0].name,
+            "emergency_numbers": list(rules[0].emergency),
+            "notes": " ".join(dict.fromkeys(r.notes for r in rules if r.notes)),
+            "policy_source": policy.source, "policy_published": policy.published}
+    if args.json:
+        print(json.dumps(info, sort_keys=True, ensure_ascii=False))
+    else:
+        print(_decision_text(info))
+    return 0
+
+
+def _decision_text(info: dict[str, Any]) -> str:
+    mode = info["mode"]
+    if mode == "consent_gate":
+        mode += (f' (keys "{info["consent_digits"]}" mean yes, '
+                 f'wait {info["consent_timeout_s"]:g} s)')
+    elif mode == "notice_beep" and info["beep"]:
+        freq_hz, duration_s, period_s = info["beep"]
+        mode += f" ({freq_hz:g} Hz for {duration_s:g} s every {period_s:g} s)"
+    retention = info["retention_days"]
+    lines = [f'{info["jurisdiction"]} {info["direction"]} ({info["name"]}): '
+             f'policy {info["policy_id"]} v{info["policy_version"]}, '
+             f'sha256 {info["policy_hash"]}',
+             f'  record:     {"yes" if info["record"] else "no"}',
+             f"  mode:       {mode}",
+             f'  basis:      {info["basis"] or "-"}',
+             f"  retention:  {f'{retention} days' if retention else '-'}",
+             f'  language:   {info["language"]}',
+             f'  emergency:  {", ".join(info["emergency_numbers"])}',
+             "  reviewed:   " + ("yes" if info["reviewed"]
+                                 else "NO - not reviewed by counsel"),
+             f'  reason:     {info["reason"]}',
+             "  sources:"]
+    lines += [f"    - {source}" for source in info["sources"]]
+    if info["notes"]:
+        lines.append(f'  notes:      {info["notes"]}')
+    return "\n".join(lines)
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from firmware.policyfile import parse_policy, verify_policy
+
+    data = args.file.read_bytes()
+    signed = ""
+    if args.sig is not None or args.pubkey:
+        if args.sig is None or not args.pubkey:
+            raise UsageError("policy check: --sig and --pubkey go together")
+        verify_policy(data, args.sig.read_bytes(), args.pubkey, source=str(args.sig))
+        signed = ", signature ok"
+    policy = parse_policy(data, str(args.file))
+    rules = list(policy.rules())
+    unreviewed = sum(not rule.reviewed for rule in rules)
+    print(f"{args.file}: ok ({policy.id} version {policy.version}, "
+          f"{len(policy.jurisdictions())} jurisdictions, {len(rules)} rules, "
+          f"{unreviewed} not reviewed by counsel{signed})")
+    return 0
+
+
+def cmd_policy_sign(args: argparse.Namespace) -> int:
+    from firmware.fsutil import atomic_write
+    from firmware.policyfile import parse_policy, public_key_text, sign_policy
+    from firmware.policystore import POLICY_FILE_MODE, load_signing_key
+
+    key = load_signing_key(args.key)
+    data = args.file.read_bytes()
+    policy = parse_policy(data, str(args.file))  # never sign a file the appliance refuses
+    atomic_write(args.output, sign_policy(data, key), POLICY_FILE_MODE)
+    print(f"{args.output}: signature of {args.file} ({policy.id} version {policy.version}) "
+          f"by key {public_key_text(key.public_key())}")
+    return 0
+
+
+def cmd_policy_keygen(args: argparse.Namespace) -> int:
+    from firmware.policyfile import public_key_text
+    from firmware.policystore import create_signing_key
+
+    key = create_signing_key(args.output)
+    print(public_key_text(key.public_key()))
+    return 0
+
+
+def cmd_policy_install(args: argparse.Namespace) -> int:
+    from firmware.config import load_config
+    from firmware.policystore import install_policy, installed_path
+
+    config = load_config(args.config)
+    policy = install_policy(config, args.file.read_bytes(), args.sig.read_bytes(),
+                            source=str(args.file))
+    print(f"{installed_path(config)}: installed {policy.id} version {policy.version} "
+          f"(sha256 {policy.sha256[:16]})")
+    return 0
+
+
+def _load_policy(args: argparse.Namespace) -> tuple[PolicySet, Config | None]:
+    """--file (shown as is, signed or not), else --config's policy in force, else built-in."""
+    from firmware.config import load_config
+    from firmware.policyfile import PolicyError
+    from firmware.policystore import BUILTIN_PATH, load_active_policy, read_policy
+
+    config = load_config(args.config) if args.config is not None else None
+    if args.file is not None:
+        return read_policy(args.file), config
+    if config is None:
+        return read_policy(BUILTIN_PATH), None
+    policy, problems = load_active_policy(config)
+    for problem in problems:
+        print(f"edge-recorder: warning: {problem}", file=sys.stderr)
+    if policy is None:
+        raise PolicyError(f"{args.config}: no valid compliance policy "
+                          f"({len(problems)} candidate(s) refused)")
+    return policy, config
 
 
 # --- parser --------------------------------------------------------------------------------
@@ -178,6 +322,24 @@ def _country(value: str) -> str:
         raise argparse.ArgumentTypeError(
             f"unknown country {value!r}; known: {', '.join(sorted(countries()))}")
     return code
+
+
+def _jurisdiction(value: str) -> str:
+    import re
+
+    code = value.strip().upper()
+    if not re.match(r"^[A-Z]{2}(-[A-Z0-9]{1,3})?$", code):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a jurisdiction code (DE, US-CA)")
+    return code
+
+
+def _signer(value: str) -> Ed25519PublicKey:
+    from firmware.policyfile import PolicyError, parse_public_key
+
+    try:
+        return parse_public_key(value)
+    except PolicyError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(value: str) -> float:
@@ -260,12 +422,59 @@ def build_parser() -> _Parser:
                    help="tone plan and caller-ID defaults (default US)")
     p.add_argument("--json", action="store_true", help="one JSON object per event")
 
+    _add_policy_commands(add)
+
     p = add("demo", cmd_demo, "the one-command tour: a dealer's day on the simulated line")
     p.add_argument("--out", type=Path, default=None, help="keep the demo files here")
     p.add_argument("--speed", type=_positive, default=0.0,
                    help="times real time (0 = as fast as possible)")
     p.add_argument("--scenario", type=_existing_file, default=None)
     return parser
+
+
+def _add_policy_commands(add: Callable[..., _Parser]) -> None:
+    pol = add("policy", cmd_policy, "the compliance policy: every rule, signing, updates")
+    pol.add_argument("--config", type=Path, default=None,
+                     help="show the policy in force for this config (default: built-in)")
+    pol.add_argument("--file", type=_existing_file, default=None,
+                     help="show this policy file (its signature is not checked)")
+    pol.add_argument("--markdown", action="store_true",
+                     help="the table as Markdown (docs/COMPLIANCE.md)")
+    pol_sub = pol.add_subparsers(dest="policy_command", parser_class=_Parser)
+
+    p = add("show", cmd_policy_show, "the decision for one jurisdiction and direction",
+            pol_sub)
+    p.add_argument("--country", type=_jurisdiction, required=True, help="DE, UK, US-CA...")
+    p.add_argument("--direction", choices=("inbound", "outbound", "unknown"), required=True)
+    p.add_argument("--number", default=None, help="try a phone number (emergency, DNR...)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="apply this config's site settings and policy in force")
+    p.add_argument("--file", type=_existing_file, default=None, help="policy file to use")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+
+    p = add("check", cmd_policy_check, "validate a policy file (and verify its signature)",
+            pol_sub)
+    p.add_argument("file", type=_existing_file)
+    p.add_argument("--sig", type=_existing_file, default=None, help="detached signature")
+    p.add_argument("--pubkey", type=_signer, action="append", default=[],
+                   help="base64 Ed25519 public key allowed to sign (repeatable)")
+
+    p = add("sign", cmd_policy_sign, "sign a policy file with an Ed25519 key (ops side)",
+            pol_sub)
+    p.add_argument("file", type=_existing_file)
+    p.add_argument("--key", type=_existing_file, required=True, help="private key (PEM)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="signature file")
+
+    p = add("keygen", cmd_policy_keygen,
+            "make a policy signing key; prints the public key for policy.signers", pol_sub)
+    p.add_argument("-o", "--output", type=Path, required=True, help="private key (PEM)")
+
+    p = add("install", cmd_policy_install, "install a signed policy update on this appliance",
+            pol_sub)
+    p.add_argument("file", type=_existing_file)
+    p.add_argument("--sig", type=_existing_file, required=True)
+    p.add_argument("--config", type=Path, default=DEFAULT_PATH,
+                   help=f"config file (default {DEFAULT_PATH})")
 
 
 def _setup_logging(debug: bool) -> None:

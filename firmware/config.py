@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -64,6 +64,44 @@ class Line(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     options: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+Mode = Literal["notice", "notice_beep", "consent_gate", "manual", "log_basis", "none"]
+DialCode = Annotated[str, msgspec.Meta(pattern=r"^[0-9*#]{1,8}$")]
+# A phone number as people write it: digits, an optional leading +, spaces and - . / ( ).
+PhoneNumber = Annotated[str, msgspec.Meta(pattern=r"^\+?[0-9(][0-9 ()./-]{1,30}[0-9]$")]
+
+
+class PolicyOverride(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    record: bool | None = None
+    mode: Mode | None = None
+    basis: Annotated[str, msgspec.Meta(min_length=1, max_length=500)] | None = None
+    retention_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] | None = None
+
+
+class PolicyOverrides(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    inbound: PolicyOverride | None = None
+    outbound: PolicyOverride | None = None
+
+
+class PolicySettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # A signed policy file to use instead of the one built into the firmware.
+    file: str | None = None
+    # Base64 Ed25519 public keys (32 bytes) allowed to sign policy files and updates.
+    signers: Annotated[list[str], msgspec.Meta(max_length=8)] = msgspec.field(
+        default_factory=list)
+    # Prompt language (default: the jurisdiction's first language).
+    language: Annotated[str, msgspec.Meta(pattern=r"^[a-z]{2,3}(-[A-Z]{2})?$")] | None = None
+    # E.164 country calling code of the site's line, without "+": "49".
+    country_code: Annotated[str, msgspec.Meta(pattern=r"^[1-9][0-9]{0,2}$")] | None = None
+    # Outside-line prefixes dialled before numbers ("0", "9").
+    dial_prefixes: Annotated[list[DialCode], msgspec.Meta(max_length=4)] = msgspec.field(
+        default_factory=list)
+    # Dialling this code first makes a private, unrecorded call.
+    private_prefix: DialCode | None = None
+    do_not_record: Annotated[list[PhoneNumber], msgspec.Meta(max_length=1000)] = (
+        msgspec.field(default_factory=list))
+    overrides: PolicyOverrides = msgspec.field(default_factory=PolicyOverrides)
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     device_id: DeviceId
     site: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
@@ -72,6 +110,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     keys: Keys
     limits: Limits = msgspec.field(default_factory=Limits)
     lines: Annotated[list[Line], msgspec.Meta(min_length=1, max_length=8)]
+    policy: PolicySettings = msgspec.field(default_factory=PolicySettings)
     # Where the file came from (relative paths in it are resolved against its folder).
     source: str = ""
 
@@ -92,6 +131,16 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         default = self.data_dir / "keys" / "device_ed25519.pem"
         return self._path(self.keys.device_key or str(default))
 
+    @property
+    def policy_file_path(self) -> Path | None:
+        """The configured policy file (``policy.file``), if any."""
+        return self._path(self.policy.file) if self.policy.file else None
+
+    @property
+    def policy_dir(self) -> Path:
+        """Where installed policy updates live."""
+        return self.data_dir / "policy"
+
     def line_country(self, line: Line) -> str:
         return line.country or self.jurisdiction[:2]
 
@@ -105,8 +154,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 _PATH_RE = re.compile(r"`\$\.?([^`]*)`")
 
 
-def _key_of(message: str) -> tuple[str, str]:
-    """Split msgspec's "what - at `$.a.b[0]`" into (key, what)."""
+def msgspec_error_key(message: str) -> tuple[str, str]:
+    """Split msgspec's "what - at `$.a.b[0]`" into (key, what) for a one-line error."""
     match = _PATH_RE.search(message)
     key = match.group(1) if match else ""
     what = message.split(" - at ", maxsplit=1)[0] if " - at " in message else message
@@ -129,10 +178,11 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     try:
         config = msgspec.convert(raw, Config, strict=True)
     except msgspec.ValidationError as exc:
-        key, what = _key_of(str(exc))
+        key, what = msgspec_error_key(str(exc))
         raise ConfigError(f"{source}: {key}: {what}") from None
     _check_recipients(config)
     _check_lines(config)
+    _check_policy(config)
     return config
 
 
@@ -145,6 +195,29 @@ def _check_recipients(config: Config) -> None:
         except AgeError as exc:
             raise ConfigError(f"{config.source}: keys.recipients[{index}]: "
                               f"not a valid age recipient ({exc})") from None
+
+
+def _check_policy(config: Config) -> None:
+    from firmware.policyfile import PolicyError, parse_public_key
+
+    policy, source = config.policy, config.source
+    for index, text in enumerate(policy.signers):
+        try:
+            parse_public_key(text)
+        except PolicyError as exc:
+            raise ConfigError(f"{source}: policy.signers[{index}]: {exc}") from None
+    if policy.file and not policy.signers:
+        raise ConfigError(f"{source}: policy.signers: needed when policy.file is set "
+                          "(the file must be signed by one of them)")
+    for direction in ("inbound", "outbound"):
+        override = getattr(policy.overrides, direction)
+        if override is None:
+            continue
+        key = f"{source}: policy.overrides.{direction}"
+        if override.record is False and override.mode not in (None, "none"):
+            raise ConfigError(f"{key}: record = false needs mode \"none\" (or no mode)")
+        if override.record is True and override.mode == "none":
+            raise ConfigError(f"{key}: mode \"none\" needs record = false")
 
 
 def _check_lines(config: Config) -> None:

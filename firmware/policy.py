@@ -30,10 +30,25 @@ class Decision:
     retention_days: int | None
     policy_id: str
     policy_hash: str | None
-    reason: str
+    reason: str  # why: stored in the audit trail; never contains a phone number
+    jurisdiction: str = ""
+    direction: str = ""  # inbound | outbound | unknown
+    reviewed: bool = False  # the rule has legal sign-off and no site override changed it
+    emergency: bool = False  # a call to or from an emergency number: no prompt, no beep
+    language: str = "en"  # prompt language
+    policy_version: int = 0
+    consent_timeout_s: float = 0.0  # consent_gate: how long to wait for a key
+    consent_digits: str = ""  # consent_gate: the keys that mean "yes"
+    beep: tuple[float, float, float] | None = None  # (freq_hz, duration_s, period_s)
+    audit_numbers: str = "commitment"  # commitment (HMAC only) | clear
+    sources: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-able: tuples become lists."""
+        data = asdict(self)
+        data["beep"] = list(self.beep) if self.beep is not None else None
+        data["sources"] = list(self.sources)
+        return data
 
 
 class PolicyHook(Protocol):

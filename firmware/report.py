@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from firmware.policyfile import PolicySet
 
 
 def _duration(seconds: float | None) -> str:
@@ -53,3 +56,56 @@ def recordings_table(rows: Sequence[dict[str, Any]], title: str = "Recordings") 
 
 def print_recordings(rows: Sequence[dict[str, Any]], console: Console | None = None) -> None:
     (console or Console()).print(recordings_table(rows))
+
+
+# --- compliance policy -----------------------------------------------------------------------
+POLICY_TABLE_WIDTH = 100  # columns; `edge-recorder policy` must fit a 100-column terminal
+
+
+def _unreviewed(policy: PolicySet) -> tuple[int, int]:
+    rules = list(policy.rules())
+    return sum(not rule.reviewed for rule in rules), len(rules)
+
+
+def policy_table(policy: PolicySet) -> Table:
+    """Every jurisdiction x direction; unreviewed rules in red."""
+    table = Table(title=f"Compliance policy {policy.id} v{policy.version} "
+                        f"({policy.published}), sha256 {policy.sha256[:16]}",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
+                  collapse_padding=True, show_edge=False)
+    for name, justify, width in (("where", "left", 5), ("dir", "left", 3),
+                                 ("rec", "left", 3), ("mode", "left", 12),
+                                 ("basis", "left", None), ("days", "right", 4),
+                                 ("review", "left", 10)):
+        table.add_column(name, justify=justify, no_wrap=name != "basis",  # type: ignore[arg-type]
+                         min_width=width, overflow="fold")
+    for rule in policy.rules():
+        table.add_row(rule.jurisdiction, "in" if rule.direction == "inbound" else "out",
+                      "yes" if rule.record else "no", rule.mode, rule.basis,
+                      str(rule.retention_days),
+                      "reviewed" if rule.reviewed else "[bold red]UNREVIEWED[/]")
+    return table
+
+
+def print_policy(policy: PolicySet, console: Console | None = None) -> None:
+    console = console or Console(width=min(Console().width, POLICY_TABLE_WIDTH))
+    console.print(policy_table(policy))
+    unreviewed, total = _unreviewed(policy)
+    style = "bold red" if unreviewed else "green"
+    console.print(f"[{style}]{unreviewed} of {total} rules are not reviewed by counsel[/]")
+
+
+def policy_markdown(policy: PolicySet) -> str:
+    """The rules as a Markdown table (docs/COMPLIANCE.md carries this, kept true by a test)."""
+    lines = ["| jurisdiction | direction | record | mode | basis | retention (days) | reviewed |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for rule in policy.rules():
+        cells = (f"{rule.jurisdiction} ({rule.name})", rule.direction,
+                 "yes" if rule.record else "no", f"`{rule.mode}`", rule.basis,
+                 str(rule.retention_days), "yes" if rule.reviewed else "**no**")
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    unreviewed, total = _unreviewed(policy)
+    lines.append("")
+    lines.append(f"Policy `{policy.id}` version {policy.version} ({policy.published}): "
+                 f"{unreviewed} of {total} rules are not reviewed by counsel.")
+    return "\n".join(lines) + "\n"

@@ -107,3 +107,65 @@ def test_cli_config_check_ok_and_bad(tmp_path: Path) -> None:
     assert bad.returncode == 1
     assert bad.stderr.count("\n") == 1 and "jurisdiction" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+# --- [policy] ------------------------------------------------------------------------------
+SIGNER = "11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="  # RFC 8032 7.1 test 1 public key
+
+
+def test_policy_table_parses_and_resolves_paths(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(GOOD + f"""
+[policy]
+file = "policy.toml"
+signers = ["{SIGNER}"]
+language = "de"
+country_code = "49"
+dial_prefixes = ["0"]
+private_prefix = "*99"
+do_not_record = ["+49 221 123456", "0221 555 000", "(0221) 555-001"]
+[policy.overrides.outbound]
+mode = "notice"
+retention_days = 30
+[policy.overrides.inbound]
+record = false
+""")
+    cfg = load_config(path)
+    assert cfg.policy_file_path == tmp_path / "policy.toml"
+    assert cfg.policy.overrides.outbound is not None
+    assert cfg.policy.overrides.outbound.mode == "notice"
+    assert cfg.policy.overrides.inbound is not None
+    assert cfg.policy.overrides.inbound.record is False
+    assert cfg.policy_dir == Path("/var/lib/edge-recorder/policy")
+
+
+def test_policy_defaults() -> None:
+    cfg = parse_config(GOOD, "x.toml")
+    assert cfg.policy_file_path is None and cfg.policy.signers == []
+    assert cfg.policy.do_not_record == [] and cfg.policy.private_prefix is None
+
+
+@pytest.mark.parametrize(("policy", "expected"), [
+    ('colour = "red"', "policy.colour: unknown key"),
+    ('signers = ["not-a-key"]', "policy.signers[0]: not base64 of a 32-byte Ed25519 public key"),
+    ('signers = ["AAAA"]', "policy.signers[0]: not base64 of a 32-byte Ed25519 public key"),
+    ('file = "p.toml"', "policy.signers: needed when policy.file is set"),
+    ('language = "German"', "policy.language: expected `str` matching"),
+    ('country_code = "049"', "policy.country_code: expected `str` matching"),
+    ('country_code = 49', "policy.country_code: expected `str | null`, got `int`"),
+    ('dial_prefixes = ["0a"]', "policy.dial_prefixes[0]: expected `str` matching"),
+    ('private_prefix = "*99 "', "policy.private_prefix: expected `str` matching"),
+    ('do_not_record = ["call me"]', "policy.do_not_record[0]: expected `str` matching"),
+    ('do_not_record = ["+"]', "policy.do_not_record[0]: expected `str` matching"),
+    ('[policy.overrides.outbound]\nmode = "loud"', "policy.overrides.outbound.mode: invalid enum value 'loud'"),
+    ('[policy.overrides.outbound]\nretention_days = 0', "policy.overrides.outbound.retention_days: expected `int` >= 1"),
+    ('[policy.overrides.sideways]\nmode = "notice"', "policy.overrides.sideways: unknown key"),
+    ('[policy.overrides.inbound]\nrecord = false\nmode = "notice"', 'policy.overrides.inbound: record = false needs mode "none"'),
+    ('[policy.overrides.inbound]\nrecord = true\nmode = "none"', 'policy.overrides.inbound: mode "none" needs record = false'),
+])
+def test_bad_policy_settings_name_the_key(policy: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(GOOD + "\n[policy]\n" + policy + "\n", "c.toml")
+    message = str(info.value)
+    assert message.startswith("c.toml: ") and "\n" not in message, message
+    assert expected in message, message

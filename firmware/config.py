@@ -18,6 +18,8 @@ DEFAULT_PATH = Path("/etc/edge-recorder/config.toml")
 # ISO 3166-1 alpha-2, optionally a subdivision ("US-CA").
 Jurisdiction = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2}(-[A-Z0-9]{1,3})?$")]
 Country = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2}$")]
+# Certificate identities of the central side (sync/mosquitto/acl): never a device's.
+RESERVED_IDS = frozenset({"central", "ops"})
 DeviceId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 LineId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")]
 AgeRecipient = Annotated[str, msgspec.Meta(pattern=r"^age1[02-9ac-hj-np-z]{58}$")]
@@ -102,6 +104,19 @@ class PolicySettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     overrides: PolicyOverrides = msgspec.field(default_factory=PolicyOverrides)
 
 
+InCallCode = Annotated[str, msgspec.Meta(pattern=r"^[*#][0-9]{1,3}$")]
+
+
+class Codes(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """DTMF codes the dealer keys during a call ("*" or "#" and 1-3 digits)."""
+
+    start: InCallCode = "*1"  # manual mode: start recording
+    pause: InCallCode = "*2"  # stop storing audio (card details)
+    resume: InCallCode = "*3"
+    objection: InCallCode = "*9"  # the customer objects: stop and erase the recording
+    max_gap_s: Annotated[float, msgspec.Meta(ge=0.5, le=10.0)] = 3.0
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     device_id: DeviceId
     site: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
@@ -111,6 +126,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     limits: Limits = msgspec.field(default_factory=Limits)
     lines: Annotated[list[Line], msgspec.Meta(min_length=1, max_length=8)]
     policy: PolicySettings = msgspec.field(default_factory=PolicySettings)
+    codes: Codes = msgspec.field(default_factory=Codes)
     # Where the file came from (relative paths in it are resolved against its folder).
     source: str = ""
 
@@ -140,6 +156,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def policy_dir(self) -> Path:
         """Where installed policy updates live."""
         return self.data_dir / "policy"
+
+    @property
+    def prompts_dir(self) -> Path:
+        """Site-installed recorded prompts: ``<lang>/<name>.wav`` (before the built ones)."""
+        return self.data_dir / "prompts"
 
     def line_country(self, line: Line) -> str:
         return line.country or self.jurisdiction[:2]
@@ -183,6 +204,10 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     _check_recipients(config)
     _check_lines(config)
     _check_policy(config)
+    _check_codes(config)
+    if config.device_id.lower() in RESERVED_IDS:
+        raise ConfigError(f"{config.source}: device_id: {config.device_id!r} is reserved for "
+                          "the central side's certificates; choose another")
     return config
 
 
@@ -195,6 +220,18 @@ def _check_recipients(config: Config) -> None:
         except AgeError as exc:
             raise ConfigError(f"{config.source}: keys.recipients[{index}]: "
                               f"not a valid age recipient ({exc})") from None
+
+
+def _check_codes(config: Config) -> None:
+    codes = config.codes
+    named = {"start": codes.start, "pause": codes.pause, "resume": codes.resume,
+             "objection": codes.objection}
+    for name, code in named.items():
+        clash = [other for other, value in named.items()
+                 if other != name and (value.startswith(code) or code.startswith(value))]
+        if clash:
+            raise ConfigError(f"{config.source}: codes.{name}: {code!r} clashes with codes."
+                              f"{clash[0]} {named[clash[0]]!r} (one is a prefix of the other)")
 
 
 def _check_policy(config: Config) -> None:

@@ -169,3 +169,12 @@ def test_bad_policy_settings_name_the_key(policy: str, expected: str) -> None:
     message = str(info.value)
     assert message.startswith("c.toml: ") and "\n" not in message, message
     assert expected in message, message
+
+
+@pytest.mark.parametrize("device_id", ["central", "OPS"])
+def test_central_identities_are_not_device_ids(device_id: str) -> None:
+    import re
+
+    text = re.sub(r'device_id = "[^"]*"', f'device_id = "{device_id}"', GOOD, count=1)
+    with pytest.raises(ConfigError, match=r"device_id: .* is reserved"):
+        parse_config(text, "c.toml")

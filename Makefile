@@ -4,14 +4,18 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Spoken prompts built from firmware/data/prompts.toml with espeak-ng (firmware/prompts.py).
+PROMPTS := firmware/data/prompts
+PROMPTS_STAMP := $(PROMPTS)/.built
+BUILD_PROMPTS = $(BIN)/python -m firmware.prompts build $(PROMPTS) && touch $(PROMPTS_STAMP)
 APT_PKGS := python3-venv python3-dev gcc age sox espeak-ng multimon-ng minimodem mosquitto libasound2-dev systemd sqlite3 openssl
 
-.PHONY: demo test lint bench sysdeps venv clean
+.PHONY: demo test lint bench pki prompts sysdeps venv clean
 
-demo: $(STAMP)
+demo: $(STAMP) $(PROMPTS_STAMP)
 	$(BIN)/edge-recorder demo
 
-test: $(STAMP)
+test: $(STAMP) $(PROMPTS_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
@@ -20,6 +24,16 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+# A test PKI for the MQTT broker: make pki DIR=/tmp/pki DEVICES="dev-a dev-b"
+pki: $(STAMP)
+	@[ -n "$(DIR)" ] && [ -n "$(DEVICES)" ] || { echo 'usage: make pki DIR=... DEVICES="id ..."' >&2; exit 2; }
+	$(BIN)/python -m sync.pki $(DIR) $(addprefix --device ,$(DEVICES))
+
+prompts: $(PROMPTS_STAMP)
+
+$(PROMPTS_STAMP): firmware/data/prompts.toml firmware/prompts.py | $(STAMP)
+	$(BUILD_PROMPTS)
 
 sysdeps:
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -34,6 +48,7 @@ $(STAMP): pyproject.toml | sysdeps
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BUILD_PROMPTS)
 	touch $(STAMP)
 
 clean:

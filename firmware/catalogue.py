@@ -60,7 +60,7 @@ BUSY_TIMEOUT_MS = 10_000  # a writer waits this long for the sync agent's transa
 DATA_DIR_MODE = 0o700
 # Same rule as firmware.config.DeviceId: it is a line of the checkpoint body.
 DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-OUTBOX_KINDS = frozenset({"recording", "audit"})
+OUTBOX_KINDS = frozenset({"recording", "audit", "erasure"})
 OUTBOX_STATES = frozenset({"pending", "sent", "stored"})
 RECORDING_STATES = frozenset({"recording", "complete", "interrupted"})
 
@@ -196,7 +196,27 @@ def _migrate_v1(db: sqlite_utils.Database) -> None:
 
 Migration: TypeAlias = "tuple[int, Callable[[sqlite_utils.Database], None]]"
 # Append only: (version, function), versions 1..n. Each runs in its own transaction.
-MIGRATIONS: tuple[Migration, ...] = ((1, _migrate_v1),)
+def _migrate_v2(db: sqlite_utils.Database) -> None:
+    """Erasure: recordings say why they were erased; the outbox carries erasure requests
+    to the central store (a customer's objection). SQLite cannot alter a CHECK constraint,
+    so the outbox table is rebuilt (sqlite.org/lang_altertable.html, "other changes")."""
+    db.execute("ALTER TABLE recordings ADD COLUMN erase_reason TEXT")
+    db.execute("""CREATE TABLE outbox_v2 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL CHECK (kind IN ('recording', 'audit', 'erasure')),
+        ref TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'sent', 'stored')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        UNIQUE (kind, ref))""")
+    db.execute("INSERT INTO outbox_v2 SELECT * FROM outbox")
+    db.execute("DROP TABLE outbox")
+    db.execute("ALTER TABLE outbox_v2 RENAME TO outbox")
+    db.execute("CREATE INDEX outbox_state ON outbox (state, id)")
+
+
+MIGRATIONS: tuple[Migration, ...] = ((1, _migrate_v1), (2, _migrate_v2))
 
 _RECORDING_LIST_SQL = """
 SELECT r.*, c.direction, c.caller_number, c.caller_name, c.caller_id_standard,
@@ -609,6 +629,26 @@ class Catalogue:
         with self._reading():
             return _dict_rows(self._conn.execute(
                 sql, [*params, -1 if limit is None else limit]))
+
+    def calls(self) -> list[dict[str, Any]]:
+        """Every call, oldest first."""
+        with self._reading():
+            return _dict_rows(self._conn.execute(
+                "SELECT * FROM calls ORDER BY started_at, id"))
+
+    def recordings_of_call(self, call_id: str) -> list[dict[str, Any]]:
+        """Every recording (segment) of one call, in segment order."""
+        with self._reading():
+            return _dict_rows(self._conn.execute(
+                "SELECT * FROM recordings WHERE call_id = ? ORDER BY segment", (call_id,)))
+
+    def expired_recordings(self, now_iso: str) -> list[dict[str, Any]]:
+        """Recordings past their retention date, not yet deleted (synced or not)."""
+        with self._reading():
+            return _dict_rows(self._conn.execute(
+                "SELECT * FROM recordings WHERE retention_until IS NOT NULL "
+                "AND retention_until < ? AND deleted_at IS NULL ORDER BY retention_until",
+                (now_iso,)))
 
     def open_recordings(self) -> list[dict[str, Any]]:
         """Recordings still in state 'recording' (left open by a crash, at start-up)."""

@@ -27,10 +27,13 @@ from firmware.agecrypt import Recipient
 from firmware.catalogue import Catalogue, needs_migration
 from firmware.config import Config
 from firmware.engine import CallEngine, EngineLimits
+from firmware.gate import Codes
 from firmware.ids import Uuid7Factory
 from firmware.keys import load_or_create_signing_key
-from firmware.policy import PlaceholderPolicy, PolicyHook
+from firmware.policy import PolicyHook
+from firmware.prompts import BUILT_PROMPTS_DIR, PromptError, PromptSet, beep_tone
 from firmware.recorder import CallRecorder, RecorderSettings, recover_interrupted
+from firmware.retention import apply_retention
 from firmware.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
@@ -69,7 +72,7 @@ class Appliance:
                  notifier: Notifier | None = None) -> None:
         self.config = config
         self.clock = clock
-        self.policy = policy or PlaceholderPolicy()
+        self.policy: PolicyHook | None = policy  # None: the installed policy (at start)
         self.detectors = detectors
         self.notifier = notifier or Notifier()
         self.stop_event = threading.Event()
@@ -77,6 +80,7 @@ class Appliance:
         self.catalogue: Catalogue | None = None
         self.runners: list[LineRunner] = []
         self._key = None
+        self._languages: list[str] = ["en"]  # prompt languages, from the policy at start
 
     # --- life cycle --------------------------------------------------------------------
     def start(self) -> None:
@@ -92,18 +96,24 @@ class Appliance:
             tx.audit("device.started", cfg.device_id, firmware=__version__,
                      config_sha256=_config_hash(cfg), recovered=len(recovered),
                      lines=[line.id for line in cfg.lines])
+        self._load_policy()
+        prompts = self._load_prompts()
         recipients = [Recipient.parse(r) for r in cfg.keys.recipients]
+        codes = Codes(start=cfg.codes.start, pause=cfg.codes.pause, resume=cfg.codes.resume,
+                      objection=cfg.codes.objection, max_gap_s=cfg.codes.max_gap_s)
         settings = RecorderSettings(device_id=cfg.device_id, jurisdiction=cfg.jurisdiction,
                                     recordings_dir=cfg.recordings_dir, recipients=recipients,
-                                    flush_interval_s=cfg.limits.flush_interval_s)
+                                    flush_interval_s=cfg.limits.flush_interval_s, codes=codes)
         limits = EngineLimits(ring_timeout_s=cfg.limits.ring_timeout_s,
                               glare_window_s=cfg.limits.glare_window_s,
                               max_segment_s=cfg.limits.max_segment_s)
         for line_cfg in cfg.lines:
             line = open_line(line_cfg.backend, line_cfg.id, line_cfg.options, clock=self.clock,
                              country=cfg.line_country(line_cfg))
+            assert self.policy is not None
             recorder = CallRecorder(self.catalogue, self.policy, settings, clock=self.clock,
-                                    new_id=self.ids.new)
+                                    new_id=self.ids.new, player=line.play, prompts=prompts,
+                                    tone=beep_tone)
             engine = CallEngine(line_cfg.id, recorder, clock=self.clock, new_id=self.ids.new,
                                 limits=limits,
                                 detectors=self.detectors(cfg.line_country(line_cfg)))
@@ -114,6 +124,45 @@ class Appliance:
             runner.thread.start()
         self.notifier.ready()
         log.info("appliance %s started: %d line(s)", cfg.device_id, len(self.runners))
+
+    def _load_policy(self) -> None:
+        """The compliance policy, unless one was injected: the highest valid version of the
+        built-in and installed policy files. Without a valid policy for the jurisdiction
+        nothing is recorded, and the audit trail and the log say so (the alert)."""
+        assert self.catalogue is not None
+        cfg = self.config
+        if self.policy is not None:
+            return
+        from firmware.compliance import CompliancePolicy, SitePolicy
+        from firmware.policystore import load_active_policy
+
+        active, problems = load_active_policy(cfg)
+        with self.catalogue.transaction() as tx:
+            for problem in problems:
+                log.error("policy: %s", problem)
+                tx.audit("policy.rejected", cfg.device_id, problem=problem)
+            if active is None or cfg.jurisdiction not in active.jurisdictions():
+                log.error("ALERT: no valid compliance policy for %s: nothing will be recorded",
+                          cfg.jurisdiction)
+                tx.audit("policy.missing", cfg.device_id, jurisdiction=cfg.jurisdiction,
+                         alert=True)
+            else:
+                tx.audit("policy.active", cfg.device_id, version=active.version,
+                         sha256=active.sha256, jurisdiction=cfg.jurisdiction)
+        self.policy = CompliancePolicy(active, cfg.jurisdiction, SitePolicy.from_config(cfg))
+        if active is not None and cfg.jurisdiction in active.jurisdictions():
+            rule = active.rule(cfg.jurisdiction, "inbound")
+            self._languages = [cfg.policy.language] if cfg.policy.language else list(
+                rule.languages)
+
+    def _load_prompts(self) -> PromptSet:
+        """The prompts of the site's languages (and their fallbacks) only: each language
+        holds ~100 kB of audio. A damaged installed prompt stops the start with its name."""
+        try:
+            return PromptSet.load([self.config.prompts_dir, BUILT_PROMPTS_DIR],
+                                  languages=self._languages)
+        except PromptError as exc:
+            raise ApplianceError(f"prompts: {exc}") from None
 
     def _migrate_apart(self) -> None:
         """Create or upgrade the catalogue schema in a short-lived child process.
@@ -150,6 +199,7 @@ class Appliance:
             self.notifier.watchdog()
             if self.clock.monotonic() >= next_checkpoint:
                 self.checkpoint()
+                self.retention()
                 next_checkpoint = self.clock.monotonic() + self.config.limits.checkpoint_interval_s
             if any(r.error for r in self.runners):
                 break
@@ -177,6 +227,12 @@ class Appliance:
         log.info("stopped: peak_rss_kib=%d cpu_s=%.2f", _peak_rss_kib(),
                  usage.ru_utime + usage.ru_stime)
         return 1 if errors else 0
+
+    def retention(self) -> None:
+        """Delete the recordings due under their retention date that the central store
+        has confirmed (firmware.retention)."""
+        if self.catalogue is not None:
+            apply_retention(self.catalogue, self.clock)
 
     def checkpoint(self) -> None:
         if self.catalogue is not None and self._key is not None:

@@ -7,6 +7,7 @@ device itself cannot), and the audit chain verified.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import threading
@@ -24,7 +25,7 @@ from firmware.daemon import Appliance
 from firmware.fsutil import atomic_write
 from firmware.keys import load_public_key
 from firmware.recfile import decrypt_recording, write_wav
-from firmware.report import recordings_table
+from firmware.report import calls_table, recordings_table
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SCENARIO = REPO / "examples" / "dealer-day.toml"
@@ -85,8 +86,12 @@ def run_demo(out_dir: Path | None, speed: float, scenario: Path | None) -> int:
     _run_with_status(console, app)
     console.print(f"device signing key generated on first start: {config.device_key_path}")
 
-    console.rule("[bold]3. What was recorded")
-    rows = Catalogue.read_only(config.catalogue_path).recordings()
+    console.rule("[bold]3. What the policy decided, and what was recorded")
+    catalogue = Catalogue.read_only(config.catalogue_path)
+    calls = catalogue.calls()
+    console.print(calls_table(calls, _outcomes(catalogue),
+                              title=f"{len(calls)} calls under the {config.jurisdiction} policy"))
+    rows = catalogue.recordings()
     console.print(recordings_table(list(reversed(rows)), title=f"{len(rows)} recordings"))
 
     console.rule("[bold]4. Decrypt one recording with the central key")
@@ -100,6 +105,31 @@ def run_demo(out_dir: Path | None, speed: float, scenario: Path | None) -> int:
     console.print(f"\ndemo files: {out_dir}   ({time.monotonic() - started:.1f} s)")
     console.print(f"try: edge-recorder recordings list --config {config_path}")
     return 0 if report.ok else 1
+
+
+_OUTCOMES = {"keep_held": "whole call", "decline": "nothing: no consent key",
+             "drop_held": "nothing", "start": "from the consent key or start code",
+             "pause": "paused", "erase": "erased (objection)"}
+
+
+def _outcomes(catalogue: Catalogue) -> dict[str, str]:
+    """Per call, what its gate entries in the audit trail say was kept."""
+    seen: dict[str, list[str]] = {}
+    for entry in catalogue.audit_entries():
+        if entry.kind == "gate":
+            action = json.loads(entry.data)["action"] if isinstance(entry.data, str) else (
+                entry.data["action"])
+            seen.setdefault(entry.subject, []).append(action)
+    out = {}
+    for call_id, actions in seen.items():
+        last = actions[-1]
+        text = _OUTCOMES.get(last, last)
+        if "pause" in actions and last == "resume":
+            text = "all but a paused stretch (card details)"
+        elif last == "drop_held" and len(actions) == 1:
+            text = "nothing: ended before a consent key"
+        out[call_id] = text
+    return out
 
 
 def _run_with_status(console: Console, app: Appliance) -> None:

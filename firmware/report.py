@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,25 @@ def recordings_table(rows: Sequence[dict[str, Any]], title: str = "Recordings") 
             "-" if answered is None else f"{answered:.1f}s", _duration(row.get("audio_s")),
             _END.get(end_reason, end_reason), row.get("state", ""),
             f"{row['size'] / 1024:.0f}" if row.get("size") else "-")
+    return table
+
+
+def calls_table(calls: Sequence[dict[str, Any]], outcomes: dict[str, str],
+                title: str = "Calls") -> Table:
+    """Every call with what the compliance policy decided and what was kept (80 columns).
+
+    ``outcomes`` maps a call id to what happened to its audio (from the audit trail)."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  padding=(0, 1), collapse_padding=True, show_edge=False)
+    for name in ("UTC", "dir", "end", "mode", "kept"):
+        table.add_column(name, no_wrap=name != "kept")
+    for call in calls:
+        decision = json.loads(call["decision"]) if call.get("decision") else {}
+        end_reason = call.get("end_reason") or ""
+        table.add_row((call.get("started_at") or "")[11:19],
+                      "in" if call.get("direction") == "inbound" else "out",
+                      _END.get(end_reason, end_reason), decision.get("mode", "-"),
+                      outcomes.get(call["id"], "nothing (never connected)"))
     return table
 
 

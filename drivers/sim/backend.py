@@ -173,6 +173,8 @@ class CallTruth:
     cid_data: bytes | str | None = None
     digit_samples: tuple[int, ...] = ()
     far_speech_sample: int | None = None
+    # keys pressed during the call: (first sample, digits)
+    key_presses: tuple[tuple[int, str], ...] = ()
 
     @property
     def start_s(self) -> float:
@@ -240,6 +242,7 @@ class _Outcome:
     digits: list[int] = field(default_factory=list)
     far_speech: int | None = None
     hangup: str = "near"
+    keys: list[tuple[int, str]] = field(default_factory=list)
 
 
 def _cid_burst(call: Call, cid: str, when: datetime) -> tuple[np.ndarray, bytes | str]:
@@ -357,32 +360,46 @@ def _unanswered_outbound(b: _Builder, call: Call, plan: TonePlan, abandoned: boo
     b.signal(Signal.HOOK_ON)
 
 
-def _turns(call: Call, first: str, rng: np.random.Generator) -> list[tuple[str | None, float]]:
-    """Speech turns as (who, seconds); who None = a pause between turns."""
+# In-call keys (a consent key, a dealer's code): tone and pause per key.
+IN_CALL_KEY_ON_S = 0.10
+IN_CALL_KEY_OFF_S = 0.15
+
+
+def _turns(call: Call, first: str, rng: np.random.Generator
+           ) -> list[tuple[str | None, float, str | None]]:
+    """Turns as (who, seconds, keys); who None = a pause between turns; keys = DTMF
+    digits pressed instead of speaking."""
     if call.talk:
-        turns: list[tuple[str | None, float]] = []
+        turns: list[tuple[str | None, float, str | None]] = []
         for i, turn in enumerate(call.talk):
             if i:
-                turns.append((None, float(rng.uniform(*TURN_GAP_S))))
-            turns.append((turn.who, turn.s))
+                turns.append((None, float(rng.uniform(*TURN_GAP_S)), None))
+            turns.append((None if turn.silent else turn.who, turn.s, turn.keys))
         return turns
     turns, remaining, who = [], call.talk_s, first
     while remaining > 0:
         speak_s = min(float(rng.uniform(*TURN_S)), remaining)
-        turns.append((who, speak_s))
+        turns.append((who, speak_s, None))
         remaining -= speak_s
         if remaining > 0:
             gap_s = min(float(rng.uniform(*TURN_GAP_S)), remaining)
-            turns.append((None, gap_s))
+            turns.append((None, gap_s, None))
             remaining -= gap_s
         who = "customer" if who == "dealer" else "dealer"
     return turns
 
 
 def _talk(b: _Builder, call: Call, first: str, out: _Outcome) -> None:
-    for who, seconds in _turns(call, first, b.rng):
+    for who, seconds, keys in _turns(call, first, b.rng):
         if who is None:
             b.pause(seconds)
+            continue
+        if keys:
+            keyed = synth.dtmf_string(keys, IN_CALL_KEY_ON_S, IN_CALL_KEY_OFF_S)
+            at = b.add(Samples(keyed[: synth.n_samples(seconds)]))
+            out.keys.append((at, keys))
+            if len(keyed) < synth.n_samples(seconds):
+                b.pause(seconds - len(keyed) / SAMPLE_RATE)
             continue
         level = NEAR_SPEECH_DBFS if who == "dealer" else FAR_SPEECH_DBFS
         seed = int(b.rng.integers(0, 2**63 - 1))
@@ -441,7 +458,7 @@ def _build_call(b: _Builder, index: int, call: Call, plan: TonePlan) -> CallTrut
         start_sample=start, answer_sample=out.answer, end_sample=end,
         rings=call.rings if inbound else 0, cid_sample=out.cid_sample,
         cid_data=out.cid_data, digit_samples=tuple(out.digits),
-        far_speech_sample=out.far_speech)
+        far_speech_sample=out.far_speech, key_presses=tuple(out.keys))
 
 
 @dataclass(frozen=True, slots=True)

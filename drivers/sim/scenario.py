@@ -51,10 +51,13 @@ class ScenarioError(LineConfigError):
 
 
 class Turn(msgspec.Struct, forbid_unknown_fields=True):
-    """One stretch of speech by one party."""
+    """One stretch of speech by one party, or keys pressed (``keys``: DTMF digits,
+    each 100 ms on and 150 ms off, then silence for the rest of ``s``), or ``silent``."""
 
     who: Literal["dealer", "customer"]
     s: Positive
+    keys: Annotated[str, msgspec.Meta(pattern=r"^[0-9A-D*#]{1,16}$")] | None = None
+    silent: bool = False  # nobody speaks for ``s`` (both listen to a prompt)
 
 
 class Call(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -57,7 +57,7 @@ def test_reopen_keeps_rows_and_does_not_migrate_again(tmp_path: Path) -> None:
     with open_catalogue(tmp_path) as cat:
         assert cat.get_call(call_id)["line_id"] == "L1"  # type: ignore[index]
         assert cat.head().count == 1
-        assert cat.settings()["user_version"] == 1
+        assert cat.settings()["user_version"] == len(MIGRATIONS)
 
 
 def test_database_newer_than_the_code_is_refused(tmp_path: Path) -> None:
@@ -76,8 +76,9 @@ def test_a_later_migration_upgrades_an_existing_database(tmp_path: Path) -> None
     def add_note_column(db: sqlite_utils.Database) -> None:
         db.execute("ALTER TABLE calls ADD COLUMN note TEXT")
 
-    with open_catalogue(tmp_path, migrations=(*MIGRATIONS, (2, add_note_column))) as cat:
-        assert cat.settings()["user_version"] == 2
+    later = len(MIGRATIONS) + 1
+    with open_catalogue(tmp_path, migrations=(*MIGRATIONS, (later, add_note_column))) as cat:
+        assert cat.settings()["user_version"] == later
         with cat.transaction() as txn:
             txn.update_call(call_id, note="hello")
         assert cat.get_call(call_id)["note"] == "hello"  # type: ignore[index]
@@ -90,10 +91,11 @@ def test_a_failing_migration_leaves_the_previous_version(tmp_path: Path) -> None
         db.execute("CREATE TABLE half_done (x)")
         db.execute("THIS IS NOT SQL")
 
-    with pytest.raises(SchemaError, match="migration to schema version 2 failed"):
-        open_catalogue(tmp_path, migrations=(*MIGRATIONS, (2, broken)))
+    later = len(MIGRATIONS) + 1
+    with pytest.raises(SchemaError, match=f"migration to schema version {later} failed"):
+        open_catalogue(tmp_path, migrations=(*MIGRATIONS, (later, broken)))
     with open_catalogue(tmp_path) as cat:
-        assert cat.settings()["user_version"] == 1
+        assert cat.settings()["user_version"] == len(MIGRATIONS)
     tables = sqlite_utils.Database(tmp_path / "catalogue.db").table_names()
     assert "half_done" not in tables
 

@@ -48,6 +48,7 @@ def config_for(tmp: Path, scenario: Path, recipient: str) -> Path:
         f'device_id = "crash-1"\nsite = "t"\njurisdiction = "DE"\n'
         f'[storage]\ndata_dir = "{tmp / "data"}"\n[keys]\nrecipients = ["{recipient}"]\n'
         f'[limits]\nflush_interval_s = {FLUSH_S}\n'
+        f'[policy.overrides.inbound]\nmode = "log_basis"\n'  # keep the whole call
         f'[[lines]]\nid = "line1"\nbackend = "sim"\n[lines.options]\n'
         f'scenario = "{scenario}"\nspeed = {SPEED}\n')
     return path

@@ -30,11 +30,18 @@ SCENARIOS = [*sorted((REPO / "examples" / "scenarios").glob("*.toml")),
              REPO / "examples" / "dealer-day.toml"]
 
 
+# These tests are about recording mechanics: every connected call is kept whole (the DE
+# policy's consent gate is tested with the other modes in test_compliance_modes.py).
+KEEP_WHOLE_CALLS = ('[policy.overrides.inbound]\nmode = "log_basis"\n'
+                    '[policy.overrides.outbound]\nmode = "log_basis"\n')
+
+
 def write_config(tmp: Path, scenario: Path, recipient: str, *, lines: int = 1,
-                 extra: str = "") -> Path:
-    text = (f'device_id = "test-1"\nsite = "t"\njurisdiction = "DE"\n'
+                 extra: str = "", policy: str = KEEP_WHOLE_CALLS,
+                 jurisdiction: str = "DE") -> Path:
+    text = (f'device_id = "test-1"\nsite = "t"\njurisdiction = "{jurisdiction}"\n'
             f'[storage]\ndata_dir = "{tmp / "data"}"\n'
-            f'[keys]\nrecipients = ["{recipient}"]\n{extra}\n')
+            f'[keys]\nrecipients = ["{recipient}"]\n{extra}\n{policy}\n')
     for index in range(lines):
         text += (f'[[lines]]\nid = "line{index + 1}"\nbackend = "sim"\n[lines.options]\n'
                  f'scenario = "{scenario}"\nspeed = 0.0\n')
@@ -64,9 +71,18 @@ def test_scenario_replay(tmp_path: Path, scenario_path: Path) -> None:
     scenario = load_scenario(scenario_path)
     line_pcm, _events, truths = render(scenario)
     rows = list(reversed(catalogue.recordings()))
-    calls = [r for r in rows if r["segment"] == 0]
-    assert len(calls) == len(truths), [(r["direction"], r["end_reason"]) for r in rows]
-    for row, truth in zip(calls, truths, strict=True):
+    call_rows = catalogue.calls()
+    assert len(call_rows) == len(truths), [(r["direction"], r["end_reason"]) for r in call_rows]
+    recorded = {r["call_id"]: r for r in rows if r["segment"] == 0}
+    for call_row, truth in zip(call_rows, truths, strict=True):
+        assert call_row["direction"] == truth.direction
+        assert call_row["end_reason"] == expected_end(truth)
+        # kept whole from its start once connected; an unconnected call leaves nothing
+        assert (call_row["id"] in recorded) == truth.answered, call_row
+        if not truth.answered:
+            assert call_row["answered_offset_s"] is None
+    for row, truth in [(recorded[c["id"]], t) for c, t in zip(call_rows, truths, strict=True)
+                       if t.answered]:
         assert row["direction"] == truth.direction
         if truth.direction == "inbound":
             assert row["caller_number"] == truth.caller
@@ -87,9 +103,12 @@ def test_scenario_replay(tmp_path: Path, scenario_path: Path) -> None:
         assert row["state"] == "complete"
     for row in rows:
         rec = decrypt_recording(Path(row["path"]), [central])
-        assert rec.complete and not rec.gaps
+        assert rec.complete
+        assert all(g.reason == "paused" for g in rec.gaps)  # only the dealer's pauses
         start = rec.start_sample
         expected = alaw_decode(alaw_encode(line_pcm[start:start + len(rec.pcm)]))
+        for gap in rec.gaps:  # nothing of a pause is stored
+            expected[gap.start_sample - start:gap.end_sample - start] = 0
         assert len(rec.pcm) > 0 and np.array_equal(rec.pcm, expected)
     config = load_config(tmp_path / "config.toml")
     report = verify_audit(config.catalogue_path,

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Spoken prompts built from firmware/data/prompts.toml with espeak-ng (firmware/prompts.py).
 PROMPTS := firmware/data/prompts
 PROMPTS_STAMP := $(PROMPTS)/.built
-BUILD_PROMPTS = $(BIN)/python -m firmware.prompts build $(PROMPTS) && touch $(PROMPTS_STAMP)
+BUILD_PROMPTS = $(BIN)/python -m firmware.promptbuild build $(PROMPTS) && touch $(PROMPTS_STAMP)
 APT_PKGS := python3-venv python3-dev gcc age sox espeak-ng multimon-ng minimodem mosquitto libasound2-dev systemd sqlite3 openssl
 
 .PHONY: demo test lint bench pki prompts sysdeps venv clean
@@ -32,7 +32,7 @@ pki: $(STAMP)
 
 prompts: $(PROMPTS_STAMP)
 
-$(PROMPTS_STAMP): firmware/data/prompts.toml firmware/prompts.py | $(STAMP)
+$(PROMPTS_STAMP): firmware/data/prompts.toml firmware/prompts.py firmware/promptbuild.py | $(STAMP)
 	$(BUILD_PROMPTS)
 
 sysdeps:

@@ -110,7 +110,10 @@ def recorder_audio_s(db: Path) -> float:
 def write_config(work: Path, lines: int, scenario: Path, name: str) -> Path:
     recipient = Identity.generate().recipient
     text = [f'device_id = "bench"\nsite = "bench"\njurisdiction = "DE"\n'
-            f'[storage]\ndata_dir = "{work / name}"\n[keys]\nrecipients = ["{recipient}"]\n']
+            f'[storage]\ndata_dir = "{work / name}"\n[keys]\nrecipients = ["{recipient}"]\n'
+            # every connected call kept whole (the DE consent gate would keep almost nothing)
+            '[policy.overrides.inbound]\nmode = "log_basis"\n'
+            '[policy.overrides.outbound]\nmode = "log_basis"\n']
     for index in range(lines):
         text.append(f'[[lines]]\nid = "line{index + 1}"\nbackend = "sim"\n[lines.options]\n'
                     f'scenario = "{scenario}"\nspeed = 0.0\n')
@@ -265,7 +268,8 @@ def child_cpu_s(argv: list[str]) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["cpu", "rss", "writes", "dsp"], default=None)
+    parser.add_argument("--only", choices=["cpu", "rss", "writes", "dsp", "sync"],
+                        default=None)
     args = parser.parse_args()
     results: dict[str, object] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}"
@@ -283,6 +287,10 @@ def main() -> int:
             results["rss"] = bench_rss(work)
         if args.only in (None, "writes"):
             results["writes"] = bench_writes(work)
+        if args.only in (None, "sync"):
+            from bench.sync_bench import bench_sync
+
+            results["sync"] = bench_sync()
     OUT.mkdir(exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

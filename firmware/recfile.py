@@ -234,12 +234,17 @@ class RecordingWriter:
         self._check_open()
         if pcm.dtype != np.int16 or pcm.ndim != 1:
             raise ValueError(f"{self.path}: write_audio takes a 1-D int16 array")
+        self.write_alaw(sample, alaw_encode(pcm))
+
+    def write_alaw(self, sample: int, data: bytes) -> None:
+        """Append audio already encoded as G.711 A-law (one byte per sample)."""
+        self._check_open()
         self._check_forward(sample)
         if self._buffer and sample != self._buffer_start + len(self._buffer):
             self._seal_audio()  # a jump: the next record starts at the exact sample
-        self._next_sample = sample + len(pcm)
-        self._audio_samples += len(pcm)
-        self._buffer_samples(sample, alaw_encode(pcm))
+        self._next_sample = sample + len(data)
+        self._audio_samples += len(data)
+        self._buffer_samples(sample, data)
 
     def write_gap(self, start_sample: int, end_sample: int, reason: str) -> None:
         """Mark samples [start, end) as deliberately not stored (a pause, lost audio)."""

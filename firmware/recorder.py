@@ -24,6 +24,7 @@ from drivers.dsp.events import DtmfDigit
 from drivers.line import SAMPLE_RATE, AudioFrame
 from firmware.agecrypt import Recipient
 from firmware.catalogue import Catalogue, Txn
+from firmware.codec import alaw_encode
 from firmware.engine import Action, Call, State, Transition
 from firmware.gate import MODE_EVENTS, CodeMatcher, Codes, Gate, GateAction, GateEv, step
 from firmware.policy import CallFacts, Decision, PolicyHook
@@ -94,7 +95,8 @@ class _CallGate:
 
     gate: Gate = Gate.HOLDING
     decision: Decision | None = None
-    held: list[AudioFrame] = field(default_factory=list)
+    # contiguous stretches of held audio: (first sample, A-law bytes)
+    held: list[tuple[int, bytearray]] = field(default_factory=list)
     held_samples: int = 0
     held_dropped: int = 0
     matcher: CodeMatcher | None = None
@@ -235,11 +237,11 @@ class CallRecorder:
                      sample: int) -> dict[str, Any]:
         if action is GateAction.KEEP_HELD:
             held, st.held, st.held_samples = st.held, [], 0
-            self._open_recording(call, held[0].sample if held else sample)
-            for frame in held:
+            self._open_recording(call, held[0][0] if held else sample)
+            for at, alaw in held:
                 if self._writer is not None:
-                    self._writer.write_audio(frame.sample, frame.pcm)
-            return {"held_s": round(sum(len(f.pcm) for f in held) / SAMPLE_RATE, 3),
+                    self._writer.write_alaw(at, bytes(alaw))
+            return {"held_s": round(sum(len(a) for _, a in held) / SAMPLE_RATE, 3),
                     "held_dropped_s": round(st.held_dropped / SAMPLE_RATE, 3)}
         if action is GateAction.DROP_HELD:
             dropped = st.held_samples + st.held_dropped
@@ -267,13 +269,26 @@ class CallRecorder:
         return round((sample - start) / SAMPLE_RATE, 3)
 
     def _hold(self, st: _CallGate, frame: AudioFrame) -> None:
-        st.held.append(frame)
-        st.held_samples += len(frame.pcm)
-        limit = round(self.settings.hold_max_s * SAMPLE_RATE)
-        while st.held_samples > limit:
-            oldest = st.held.pop(0)
-            st.held_samples -= len(oldest.pcm)
-            st.held_dropped += len(oldest.pcm)
+        """Keep the frame in memory, A-law encoded as it would be stored (half the size of
+        the samples), appended to the current stretch (no per-frame objects)."""
+        alaw = alaw_encode(frame.pcm)
+        last = st.held[-1] if st.held else None
+        if last is not None and last[0] + len(last[1]) == frame.sample:
+            last[1].extend(alaw)
+        else:
+            st.held.append((frame.sample, bytearray(alaw)))
+        st.held_samples += len(alaw)
+        excess = st.held_samples - round(self.settings.hold_max_s * SAMPLE_RATE)
+        while excess > 0:  # the oldest audio goes
+            start, data = st.held[0]
+            cut = min(excess, len(data))
+            del data[:cut]
+            st.held[0] = (start + cut, data)
+            if not data:
+                st.held.pop(0)
+            st.held_samples -= cut
+            st.held_dropped += cut
+            excess -= cut
 
     def _timers(self, call: Call, st: _CallGate, sample: int) -> None:
         if (st.gate is Gate.AWAIT_CONSENT and st.consent_deadline is not None

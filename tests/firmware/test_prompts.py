@@ -22,6 +22,14 @@ from drivers.dsp.tones import ToneDetector
 from drivers.toneplan import countries, tone_plan
 from firmware.policyfile import parse_policy
 from firmware.policystore import BUILTIN_PATH
+from firmware.promptbuild import (
+    active_level_dbfs,
+    build_prompts,
+    load_texts,
+    main,
+    parse_texts,
+    resample,
+)
 from firmware.prompts import (
     CHIME_NOTES_HZ,
     MANIFEST_NAME,
@@ -29,18 +37,12 @@ from firmware.prompts import (
     TEXTS_PATH,
     PromptError,
     PromptSet,
-    active_level_dbfs,
     beep_tone,
-    build_prompts,
     chime,
     default_directories,
     fallback_chain,
-    load_texts,
-    main,
-    parse_texts,
     pcm_sha256,
     read_prompt_wav,
-    resample,
 )
 from firmware.recfile import wav_bytes
 
@@ -290,7 +292,7 @@ def test_no_prompt_at_all_gives_the_chime_and_never_raises(tmp_path: Path) -> No
 def test_load_limited_to_languages_and_their_fallbacks(dirs: tuple[Path, Path]) -> None:
     prompts = PromptSet.load(list(dirs), languages=["pt-BR"])
     assert {(name, lang) for name, lang, _ in prompts.available()} == {
-        ("notice", "pt"), ("notice", "en"), ("consent", "en")}
+        ("notice", "pt"), ("consent", "en")}  # only what get() can return
     assert fallback_chain("pt-BR") == ["pt-BR", "pt", "en"]
     assert fallback_chain("en") == ["en"]
 
@@ -406,7 +408,7 @@ def test_tone_detector_check_can_fail() -> None:
 
 # --- command line ---------------------------------------------------------------------------
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "firmware.prompts", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "firmware.promptbuild", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120, check=False,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
 

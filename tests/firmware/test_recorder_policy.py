@@ -95,3 +95,34 @@ def test_an_ordinary_call_follows_the_rule_with_a_basis(tmp_path: Path, jurisdic
         assert row["retention_until"] and rule.basis.strip()
     else:  # consent never given, manual start never keyed, or none
         assert rows == []
+
+
+def test_held_audio_is_capped_and_the_drop_is_audited(tmp_path: Path) -> None:
+    """Before the decision at most hold_max_s of audio is held; the oldest goes first."""
+    from firmware.policy import PlaceholderPolicy
+    from firmware.recfile import decrypt_recording
+
+    clock = ManualClock()
+    ids = Uuid7Factory(clock)
+    central = Identity.generate()
+    catalogue = Catalogue(tmp_path / "c.db", clock=clock, device_id="d1")
+    settings = RecorderSettings(device_id="d1", jurisdiction="DE", recordings_dir=tmp_path,
+                                recipients=[central.recipient], hold_max_s=1.0)
+    recorder = CallRecorder(catalogue, PlaceholderPolicy(), settings, clock=clock, new_id=ids.new)
+    call = Call(id=ids.new(), line_id="L1", direction="inbound", start_sample=0,
+                started_wall=clock.wall(), wall_synced=True)
+    recorder.on_transition(call, Transition(0, State.IDLE, Ev.RING_ON, State.RINGING,
+                                            Action.START_INBOUND, {}))
+    ramp = (np.arange(3 * 8000) % 1000).astype(np.int16)  # 3 s, each frame recognisable
+    for at in range(0, len(ramp), 160):
+        recorder.on_audio(call, AudioFrame(at, ramp[at:at + 160]))
+    recorder.on_transition(call, Transition(len(ramp), State.RINGING, Ev.HOOK_OFF,
+                                            State.CONNECTED, Action.ANSWER_INBOUND, {}))
+    call.end_reason = "hangup"
+    recorder.on_transition(call, Transition(len(ramp), State.CONNECTED, Ev.HOOK_ON,
+                                            State.ENDED, Action.END, {}))
+    (row,) = catalogue.recordings()
+    rec = decrypt_recording(Path(row["path"]), [central])
+    assert rec.start_sample == 2 * 8000 and len(rec.pcm) == 8000  # the newest second
+    (keep,) = [e.data for e in catalogue.audit_entries() if e.kind == "gate"]
+    assert keep["held_s"] == 1.0 and keep["held_dropped_s"] == 2.0

@@ -55,6 +55,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return app.run(until_lines_end=args.until_lines_end)
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    from sync.agent import run_agent
+
+    return run_agent(args.config)
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     from firmware.config import load_config
 
@@ -370,6 +376,9 @@ def build_parser() -> _Parser:
     p.add_argument("--config", **config_kw)
     p.add_argument("--until-lines-end", action="store_true",
                    help="exit when every line has ended (simulated lines)")
+
+    p = add("sync", cmd_sync, "upload recordings and the audit trail to the central store")
+    p.add_argument("--config", **config_kw)
 
     cfg = add("config", lambda a: 0, "configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, parser_class=_Parser)

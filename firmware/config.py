@@ -117,6 +117,38 @@ class Codes(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_gap_s: Annotated[float, msgspec.Meta(ge=0.5, le=10.0)] = 3.0
 
 
+class SyncTrust(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Keys pinned at provisioning that the sync side trusts (docs/PROTOCOL.md, "Signed
+    configuration and commands")."""
+
+    # Base64 Ed25519 public key (32 bytes) of the ops key that signs configuration and
+    # commands; without it every signed configuration and command is refused.
+    ops_public_key: str | None = None
+
+
+class Sync(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The sync agent (`edge-recorder sync`): MQTT 5 over TLS to the central store."""
+
+    host: Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8883
+    # CA of the broker, and this device's client certificate and key (CN = device_id).
+    ca_file: str
+    cert_file: str
+    key_file: str
+    # Upload chunk size; lowered to fit the broker's Maximum Packet Size (sync/protocol.py).
+    # 120 KiB fits every common broker (AWS IoT Core: 128 KB per message).
+    chunk_kib: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 120
+    # Chunks sent that central has not yet reported holding.
+    window: Annotated[int, msgspec.Meta(ge=1, le=64)] = 8
+    heartbeat_s: Annotated[float, msgspec.Meta(ge=5, le=3600)] = 60.0
+    # Reconnect back-off: doubles from min to max, with random jitter.
+    reconnect_min_s: Annotated[float, msgspec.Meta(ge=0.1, le=600)] = 1.0
+    reconnect_max_s: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 120.0
+    # No answer from central for this long: send init again (doubling up to 32x).
+    ack_timeout_s: Annotated[float, msgspec.Meta(ge=0.2, le=600)] = 10.0
+    keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 60
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     device_id: DeviceId
     site: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
@@ -127,6 +159,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     lines: Annotated[list[Line], msgspec.Meta(min_length=1, max_length=8)]
     policy: PolicySettings = msgspec.field(default_factory=PolicySettings)
     codes: Codes = msgspec.field(default_factory=Codes)
+    trust: SyncTrust = msgspec.field(default_factory=SyncTrust)
+    sync: Sync | None = None
     # Where the file came from (relative paths in it are resolved against its folder).
     source: str = ""
 
@@ -161,6 +195,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def prompts_dir(self) -> Path:
         """Site-installed recorded prompts: ``<lang>/<name>.wav`` (before the built ones)."""
         return self.data_dir / "prompts"
+
+    def resolve_path(self, value: str) -> Path:
+        """A path from the file, relative ones against the file's folder."""
+        return self._path(value)
 
     def line_country(self, line: Line) -> str:
         return line.country or self.jurisdiction[:2]
@@ -205,6 +243,8 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     _check_lines(config)
     _check_policy(config)
     _check_codes(config)
+    _check_trust(config)
+    _check_sync(config)
     if config.device_id.lower() in RESERVED_IDS:
         raise ConfigError(f"{config.source}: device_id: {config.device_id!r} is reserved for "
                           "the central side's certificates; choose another")
@@ -232,6 +272,24 @@ def _check_codes(config: Config) -> None:
         if clash:
             raise ConfigError(f"{config.source}: codes.{name}: {code!r} clashes with codes."
                               f"{clash[0]} {named[clash[0]]!r} (one is a prefix of the other)")
+
+
+def _check_trust(config: Config) -> None:
+    from firmware.policyfile import PolicyError, parse_public_key
+
+    if config.trust.ops_public_key is None:
+        return
+    try:
+        parse_public_key(config.trust.ops_public_key)
+    except PolicyError as exc:
+        raise ConfigError(f"{config.source}: trust.ops_public_key: {exc}") from None
+
+
+def _check_sync(config: Config) -> None:
+    sync = config.sync
+    if sync is not None and sync.reconnect_min_s > sync.reconnect_max_s:
+        raise ConfigError(f"{config.source}: sync.reconnect_min_s: {sync.reconnect_min_s:g} "
+                          f"is above sync.reconnect_max_s {sync.reconnect_max_s:g}")
 
 
 def _check_policy(config: Config) -> None:

@@ -1,0 +1,87 @@
+"""Benchmark of the upload path (`bench/run.py --only sync`), all on loopback over TLS.
+
+1. Throughput: a 50 MB recording from `edge-recorder sync` (its own process) to the
+   minimal central store, against `mosquitto_pub -l` sending the same number of bytes in
+   messages of the same size (QoS 1, one TLS connection, same certificate and topic
+   tree, central subscribed), in the same run. Target >= 50 % of mosquitto_pub.
+2. Latency from a recording's close (outbox entry committed) to central's "stored" answer
+   committed on the device, for a 5-minute call. Target <= 2 s.
+3. CPU of the idle agent over 30 s. Target ~0.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from sync.broker import start_local
+from sync.pki import make_pki
+from tests.sync.uploadkit import DEVICE, Central, Device, wait_until
+
+THROUGHPUT_BYTES = 50_000_000
+CALL_BYTES = 5 * 60 * 8000 + 20_000  # 5 min of A-law at 8 kHz, plus framing and header
+IDLE_S = 30.0
+CHUNK_BYTES = 120 * 1024  # the agent's default chunk (sync/protocol.py)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (proc(5))
+
+
+def _mosquitto_pub_s(work: Path, pki: object, host: str, port: int, total: int) -> float:
+    """mosquitto_pub -l: one message per stdin line; printable lines of CHUNK_BYTES - 1
+    bytes plus the newline, so each message carries as many bytes as a chunk."""
+    line = (os.urandom(CHUNK_BYTES).hex()[: CHUNK_BYTES - 1] + "\n").encode()
+    lines = work / "lines.txt"
+    with lines.open("wb") as handle:
+        for _ in range(total // CHUNK_BYTES + 1):
+            handle.write(line)
+    credential = pki.clients[DEVICE]  # type: ignore[attr-defined]
+    argv = ["mosquitto_pub", "-h", host, "-p", str(port), "-V", "mqttv5", "-q", "1",
+            "--cafile", str(pki.ca_cert), "--cert", str(credential.cert),  # type: ignore[attr-defined]
+            "--key", str(credential.key), "-i", DEVICE, "-t", f"er/v1/{DEVICE}/up/bench",
+            "-l"]
+    with lines.open("rb") as stdin:
+        start = time.monotonic()
+        subprocess.run(argv, stdin=stdin, check=True, timeout=300)
+        return time.monotonic() - start
+
+
+def _upload_s(device: Device, size: int) -> float:
+    start = time.monotonic()
+    rid, _ = device.add_recording(size)
+    wait_until(lambda: device.outbox_state(rid) == "stored", 300.0, f"{rid} stored")
+    return time.monotonic() - start
+
+
+def bench_sync() -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="edge-bench-sync-") as tmp:
+        work = Path(tmp)
+        pki = make_pki(work / "pki", [DEVICE])
+        broker = start_local(pki, work / "broker")
+        device = Device(work / "device", pki, broker)
+        central = Central(work / "central", pki, broker, device.public_key).start()
+        agent = device.start_process(work / "agent.log")
+        try:
+            time.sleep(1.0)  # connected and idle
+            upload_s = _upload_s(device, THROUGHPUT_BYTES)
+            raw_s = _mosquitto_pub_s(work, pki, broker.host, broker.port, THROUGHPUT_BYTES)
+            latency_s = min(_upload_s(device, CALL_BYTES) for _ in range(3))
+            before = _cpu_s(agent.pid)
+            time.sleep(IDLE_S)
+            idle_cpu_s = _cpu_s(agent.pid) - before
+        finally:
+            device.close()
+            central.stop()
+            broker.stop()
+    agent_mb_s = THROUGHPUT_BYTES / upload_s / 1e6
+    raw_mb_s = THROUGHPUT_BYTES / raw_s / 1e6
+    return {"agent_mb_s": round(agent_mb_s, 1), "mosquitto_pub_mb_s": round(raw_mb_s, 1),
+            "ratio": round(agent_mb_s / raw_mb_s, 2),
+            "close_to_stored_5min_call_s": round(latency_s, 3),
+            "idle_cpu_percent": round(100 * idle_cpu_s / IDLE_S, 3)}

@@ -1,0 +1,181 @@
+"""A device (config, catalogue, key, recordings in the outbox), the sync agent in a thread
+or a process, and the minimal central store, for the upload tests and the bench."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from drivers.clock import SystemClock
+from firmware.catalogue import Catalogue
+from firmware.config import Config, load_config
+from firmware.keys import load_or_create_signing_key, public_key_path
+from sync.agent import SyncAgent
+from sync.broker import Broker
+from sync.central import CentralClient, CentralStore
+from sync.pki import Pki
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPIENT = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
+DEVICE = "dev-a"
+WAIT_S = 20.0
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = WAIT_S,
+               what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached within {timeout_s} s")
+        time.sleep(0.02)
+
+
+def write_config(directory: Path, pki: Pki, broker: Broker, *, chunk_kib: int = 120,
+                 window: int = 8, ack_timeout_s: float = 1.0) -> Path:
+    credential = pki.clients[DEVICE]
+    text = f"""
+device_id = "{DEVICE}"
+site = "Test site"
+jurisdiction = "DE"
+[storage]
+data_dir = "data"
+[keys]
+recipients = ["{RECIPIENT}"]
+[[lines]]
+id = "line1"
+backend = "sim"
+[lines.options]
+scenario = "{REPO / 'examples' / 'dealer-day.toml'}"
+[sync]
+host = "{broker.host}"
+port = {broker.port}
+ca_file = "{pki.ca_cert}"
+cert_file = "{credential.cert}"
+key_file = "{credential.key}"
+chunk_kib = {chunk_kib}
+window = {window}
+reconnect_min_s = 0.2
+reconnect_max_s = 1.0
+ack_timeout_s = {ack_timeout_s}
+"""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+class Device:
+    """The appliance's side: its catalogue and recordings, and the sync agent."""
+
+    def __init__(self, directory: Path, pki: Pki, broker: Broker, **options: float) -> None:
+        self.config_path = write_config(directory, pki, broker, **options)  # type: ignore[arg-type]
+        self.config: Config = load_config(self.config_path)
+        self.key = load_or_create_signing_key(self.config.device_key_path)
+        self.catalogue = Catalogue(self.config.catalogue_path, clock=SystemClock(),
+                                   device_id=DEVICE)
+        self.config.recordings_dir.mkdir(parents=True, exist_ok=True)
+        self._agent: SyncAgent | None = None
+        self._thread: threading.Thread | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def public_key(self) -> Path:
+        return public_key_path(self.config.device_key_path)
+
+    def add_recording(self, size: int, seed: int = 0) -> tuple[str, str]:
+        """A closed recording of ``size`` encrypted-looking bytes, queued for upload."""
+        data = os.urandom(size) if seed == 0 else _pseudo_random(size, seed)
+        with self.catalogue.transaction() as tx:
+            call_id = tx.insert_call(line_id="line1", direction="inbound")
+            rid = tx.insert_recording(call_id=call_id, path="", codec="alaw",
+                                      retention_until="2099-01-01T00:00:00.000Z")
+            path = self.config.recordings_dir / f"{rid}.rec"
+            path.write_bytes(data)
+            digest = hashlib.sha256(data).hexdigest()
+            tx.update_recording(rid, path=str(path), state="complete", size=size,
+                                sha256=digest, audio_s=size / 8000)
+            tx.enqueue("recording", rid)
+            tx.audit("recording.closed", rid, call_id=call_id, size=size, sha256=digest)
+        return rid, digest
+
+    def recording(self, rid: str) -> dict[str, object]:
+        row = self.catalogue.get_recording(rid)
+        assert row is not None
+        return row
+
+    def outbox_state(self, rid: str) -> str:
+        with self.catalogue._reading():
+            row = self.catalogue._conn.execute(
+                "SELECT state FROM outbox WHERE ref = ?", (rid,)).fetchone()
+        return str(row[0])
+
+    def start_agent(self) -> SyncAgent:
+        self._agent = SyncAgent(self.config)
+        self._thread = threading.Thread(target=self._agent.run, name="sync-agent")
+        self._thread.start()
+        return self._agent
+
+    def stop_agent(self) -> None:
+        if self._agent is not None and self._thread is not None:
+            self._agent.stop()
+            self._thread.join(10)
+            assert not self._thread.is_alive(), "sync agent did not stop"
+        self._agent = self._thread = None
+
+    def start_process(self, log_path: Path) -> subprocess.Popen[bytes]:
+        with log_path.open("ab") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "firmware.cli", "sync", "--config",
+                 str(self.config_path)], cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
+        return self.process
+
+    def close(self) -> None:
+        self.stop_agent()
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.catalogue.close()
+
+
+class Central:
+    """The minimal central store in this process."""
+
+    def __init__(self, directory: Path, pki: Pki, broker: Broker, device_pub: Path) -> None:
+        devices = directory / "devices"
+        devices.mkdir(parents=True, exist_ok=True)
+        shutil.copy(device_pub, devices / f"{DEVICE}.pub")
+        key = load_or_create_signing_key(directory / "central_ed25519.pem")
+        self.store = CentralStore(directory / "store", devices, key)
+        credential = pki.central
+        self.client = CentralClient(self.store, broker.host, broker.port, pki.ca_cert,
+                                    credential.cert, credential.key)
+        self.started = False
+
+    def start(self) -> Central:
+        self.client.start()
+        wait_until(self.client.connected.is_set, what="central connected")
+        self.started = True
+        return self
+
+    def stop(self) -> None:
+        if self.started:
+            self.client.stop()
+            self.started = False
+
+    def stored_file(self, rid: str) -> Path:
+        return self.store.directory / DEVICE / f"{rid}.rec"
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _pseudo_random(size: int, seed: int) -> bytes:
+    return hashlib.shake_256(seed.to_bytes(8, "big")).digest(size)

@@ -97,13 +97,17 @@ def _create_private_key(path: Path) -> Ed25519PrivateKey:
 
 def _load_private_key(path: Path) -> Ed25519PrivateKey:
     _check_private_mode(path)
-    data = _read(path)
+    return decode_private_key(_read(path), path)
+
+
+def decode_private_key(data: bytes, source: Path | str) -> Ed25519PrivateKey:
+    """An unencrypted PEM (PKCS#8) Ed25519 private key; errors name ``source``."""
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
-        raise KeyFormatError(f"{path}: not an unencrypted PEM private key ({exc})") from exc
+        raise KeyFormatError(f"{source}: not an unencrypted PEM private key ({exc})") from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise KeyFormatError(f"{path}: not an Ed25519 private key ({type(key).__name__})")
+        raise KeyFormatError(f"{source}: not an Ed25519 private key ({type(key).__name__})")
     return key
 
 

@@ -19,7 +19,6 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -27,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from firmware.config import Config
 from firmware.fsutil import atomic_write, make_dirs
-from firmware.keys import KeyFileError, KeyFormatError, private_key_pem
+from firmware.keys import KeyFileError, decode_private_key, private_key_pem
 from firmware.policyfile import (
     PolicyError,
     PolicySet,
@@ -119,14 +118,7 @@ def install_policy(config: Config, data: bytes, signature: bytes,
 
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
     """An ops-side policy signing key: PEM PKCS#8 Ed25519, unencrypted."""
-    data = _read_key(path)
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise KeyFormatError(f"{path}: not an unencrypted PEM private key ({exc})") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise KeyFormatError(f"{path}: not an Ed25519 private key ({type(key).__name__})")
-    return key
+    return decode_private_key(_read_key(path), path)
 
 
 def create_signing_key(path: Path) -> Ed25519PrivateKey:

@@ -666,6 +666,28 @@ class Catalogue:
                 "SELECT * FROM outbox WHERE state = 'pending' ORDER BY id LIMIT ?",
                 [-1 if limit is None else limit]))
 
+    def outbox_item(self, kind: str, ref: str) -> dict[str, Any] | None:
+        """The outbox item of ``(kind, ref)`` in any state, None if none was queued."""
+        with self._reading():
+            rows = _dict_rows(self._conn.execute(
+                "SELECT * FROM outbox WHERE kind = ? AND ref = ?", (kind, ref)))
+            return rows[0] if rows else None
+
+    def receipt_count(self) -> int:
+        """Entries the central store has countersigned: the highest receipt's count, 0
+        without any."""
+        with self._reading():
+            row = self._conn.execute("SELECT MAX(count) FROM audit_receipts").fetchone()
+            return int(row[0] or 0)
+
+    def latest_receipt(self) -> dict[str, Any] | None:
+        """The receipt with the highest count (count, head_hash, central_key_id,
+        signature, received_at), None without any."""
+        with self._reading():
+            rows = _dict_rows(self._conn.execute(
+                "SELECT * FROM audit_receipts ORDER BY count DESC LIMIT 1"))
+            return rows[0] if rows else None
+
     def audit_entries(self, after_seq: int = 0, limit: int | None = None) -> list[AuditEntry]:
         """Entries with seq > ``after_seq`` in order (an upload batch)."""
         with self._reading():
@@ -749,6 +771,27 @@ class Txn:
             (state, error, outbox_id), f"outbox {outbox_id}")
         if cursor.rowcount != 1:
             raise NotFound(f"catalogue {self._cat.path}: outbox has no item {outbox_id}")
+
+    def requeue_sent(self) -> int:
+        """Every item sent but not confirmed stored goes back to pending, so the sync
+        agent sends it again (the ``resync`` command). Returns how many."""
+        self._check_active()
+        cursor = self._execute(
+            "UPDATE outbox SET state = 'pending', last_error = 'resync requested' "
+            "WHERE state = 'sent'", (), "outbox requeue")
+        return cursor.rowcount
+
+    def insert_audit_receipt(self, count: int, head_hash: str, central_key_id: str,
+                             signature: str, received_at: str) -> None:
+        """Store the central store's countersignature of the chain head ``count``.
+
+        A receipt is evidence in itself and gets no audit entry (that entry would need a
+        receipt of its own). The table is append-only and keyed by count: a second
+        receipt for the same count is a :class:`CatalogueError`."""
+        self._check_active()
+        self._cat._insert_row("audit_receipts", {
+            "count": count, "head_hash": head_hash, "central_key_id": central_key_id,
+            "signature": signature, "received_at": received_at}, f"receipt {count}")
 
     def audit(self, kind: str, subject: str, **data: Any) -> AuditEntry:
         """Append an audit entry in this transaction (``checkpoint`` is reserved)."""

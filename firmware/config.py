@@ -147,6 +147,10 @@ class Sync(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # No answer from central for this long: send init again (doubling up to 32x).
     ack_timeout_s: Annotated[float, msgspec.Meta(ge=0.2, le=600)] = 10.0
     keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 60
+    # Base64 Ed25519 public key (32 bytes) of the central store's receipt key: when set,
+    # an audit receipt is stored only if its signature verifies with it
+    # (docs/PROTOCOL.md, "Audit upload").
+    central_public_key: str | None = None
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -286,10 +290,19 @@ def _check_trust(config: Config) -> None:
 
 
 def _check_sync(config: Config) -> None:
+    from firmware.policyfile import PolicyError, parse_public_key
+
     sync = config.sync
-    if sync is not None and sync.reconnect_min_s > sync.reconnect_max_s:
+    if sync is None:
+        return
+    if sync.reconnect_min_s > sync.reconnect_max_s:
         raise ConfigError(f"{config.source}: sync.reconnect_min_s: {sync.reconnect_min_s:g} "
                           f"is above sync.reconnect_max_s {sync.reconnect_max_s:g}")
+    if sync.central_public_key is not None:
+        try:
+            parse_public_key(sync.central_public_key)
+        except PolicyError as exc:
+            raise ConfigError(f"{config.source}: sync.central_public_key: {exc}") from None
 
 
 def _check_policy(config: Config) -> None:

@@ -12,6 +12,8 @@ queue; the agent's main thread does everything else (catalogue, files, publishin
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import hashlib
 import logging
@@ -27,7 +29,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -36,7 +42,8 @@ from drivers.clock import Clock, SystemClock
 from firmware.audit import GENESIS_HEX
 from firmware.catalogue import Catalogue, iso_utc_ms
 from firmware.config import Config, Sync
-from firmware.keys import load_or_create_signing_key
+from firmware.keys import key_id, load_or_create_signing_key
+from firmware.policyfile import parse_public_key
 from sync import protocol as p
 
 log = logging.getLogger(__name__)
@@ -45,6 +52,9 @@ TICK_S = 0.25  # the main loop wakes at least this often (timeouts, heartbeats)
 OUTBOX_POLL_S = 0.25  # look for new outbox items this often (part of the close-to-stored latency)
 MAX_TIMEOUT_DOUBLINGS = 5  # ack timeout grows to at most 32x while central stays silent
 REJECTED_RETRY_S = 3600.0  # a rejected item is tried again after an hour
+# After a receipt that fails its signature, audit batches wait this long: central's key
+# will not change by itself, and each rejection is an audit entry of its own.
+RECEIPT_REJECTED_RETRY_S = 300.0
 AUDIT_MIN_INTERVAL_S = 2.0  # at most one audit batch in flight, this far apart
 AUDIT_BATCH_ENTRIES = 500
 HASH_BLOCK_BYTES = 1024 * 1024
@@ -115,6 +125,9 @@ class SyncAgent:
         self._rng = random.Random()  # noqa: S311 (jitter, not secrets)
         self._catalogue: Catalogue | None = None
         self._key: Ed25519PrivateKey | None = None
+        self._central_key: Ed25519PublicKey | None = None
+        if self.settings.central_public_key is not None:
+            self._central_key = parse_public_key(self.settings.central_public_key)
         self._control: ControlLike | None = None
         self._client: mqtt.Client | None = None
         self.upload: Upload | None = None
@@ -535,7 +548,7 @@ class SyncAgent:
         if self._audit_sent_s is not None and now_s - self._audit_sent_s < \
                 self.settings.ack_timeout_s:
             return
-        after = receipt_count(self._catalogue)
+        after = self._catalogue.receipt_count()
         batch = self._audit_batch(after)
         if batch is None:
             self._audit_next_s = now_s + AUDIT_MIN_INTERVAL_S
@@ -570,29 +583,49 @@ class SyncAgent:
             log.error("audit receipt for %d entries names head %s, which is not ours; "
                       "central's copy of the trail differs", receipt.count, receipt.head_hash)
             return
+        problem = self._receipt_problem(receipt)
+        if problem is not None:
+            self._reject_receipt(receipt, problem)
+            return
         if receipt.error is not None:
             log.info("audit: central holds %d entries (%s)", receipt.count, receipt.error)
-        if receipt.count > receipt_count(self._catalogue):
-            store_receipt(self._catalogue, receipt, iso_utc_ms(self.clock.wall()))
+        if receipt.count > self._catalogue.receipt_count():
+            with self._catalogue.transaction() as tx:
+                tx.insert_audit_receipt(receipt.count, receipt.head_hash, receipt.key_id,
+                                        receipt.signature, iso_utc_ms(self.clock.wall()))
         self._audit_next_s = 0.0
 
+    def _receipt_problem(self, receipt: p.Receipt) -> str | None:
+        """Why the receipt's signature does not hold with ``sync.central_public_key``;
+        None when it does, or when no key is configured (receipts kept unverified)."""
+        if self._central_key is None:
+            return None
+        return receipt_problem(receipt, self.device_id, self._central_key)
 
-# --- catalogue helpers the Catalogue class does not offer yet ------------------------
-def receipt_count(catalogue: Catalogue) -> int:
-    """Entries central has countersigned (the highest stored receipt), 0 if none."""
-    with catalogue._reading():
-        row = catalogue._conn.execute("SELECT MAX(count) FROM audit_receipts").fetchone()
-    return int(row[0] or 0)
+    def _reject_receipt(self, receipt: p.Receipt, problem: str) -> None:
+        assert self._catalogue is not None
+        log.error("audit receipt for %d entries rejected: %s; audit upload waits %.0f s",
+                  receipt.count, problem, RECEIPT_REJECTED_RETRY_S)
+        with self._catalogue.transaction() as tx:
+            tx.audit("sync.receipt_rejected", self.device_id, count=receipt.count,
+                     head_hash=receipt.head_hash, key_id=receipt.key_id, reason=problem)
+        self._audit_next_s = self.clock.monotonic() + RECEIPT_REJECTED_RETRY_S
 
 
-def store_receipt(catalogue: Catalogue, receipt: p.Receipt, received_at: str) -> None:
-    """A receipt is evidence in itself; it gets no audit entry (that entry would need a
-    receipt of its own)."""
-    with catalogue.transaction():
-        catalogue._insert_row("audit_receipts", {
-            "count": receipt.count, "head_hash": receipt.head_hash,
-            "central_key_id": receipt.key_id, "signature": receipt.signature,
-            "received_at": received_at}, f"receipt {receipt.count}")
+def receipt_problem(receipt: p.Receipt, device_id: str,
+                    central_key: Ed25519PublicKey) -> str | None:
+    """None if ``receipt`` is signed by ``central_key`` for ``device_id``, else why not."""
+    expected_id = key_id(central_key)
+    if receipt.key_id != expected_id:
+        return f"signed by key {receipt.key_id[:16]!r}, not the configured central key " \
+               f"{expected_id}"
+    try:
+        signature = base64.b64decode(receipt.signature, validate=True)
+        central_key.verify(signature, p.receipt_body(device_id, receipt.count,
+                                                     receipt.head_hash))
+    except (binascii.Error, ValueError, InvalidSignature):
+        return f"signature does not verify with central key {expected_id}"
+    return None
 
 
 # --- pure helpers --------------------------------------------------------------------

@@ -328,15 +328,10 @@ class ControlPlane:
 
     def _cmd_resync(self, _body: Body) -> dict[str, Any]:
         """Items sent but not confirmed stored go back to pending (the agent sends them
-        again). The ids are read on a second connection while this one holds the write
-        lock (BEGIN IMMEDIATE), so no other writer can change them in between."""
+        again)."""
         with self._catalogue.transaction() as txn:
-            with _read_only(self._catalogue_path) as conn:
-                ids = [int(row[0]) for row in conn.execute(
-                    "SELECT id FROM outbox WHERE state = 'sent' ORDER BY id")]
-            for outbox_id in ids:
-                txn.update_outbox(outbox_id, state="pending", error="resync requested")
-        return {"requeued": len(ids)}
+            requeued = txn.requeue_sent()
+        return {"requeued": requeued}
 
     def _cmd_rotate(self, body: Body) -> dict[str, Any]:
         recipients = (body.args or {}).get("recipients")
@@ -573,8 +568,12 @@ def _ops_key(config: Config) -> Ed25519PublicKey | None:
 
 
 def _config_path(config: Config) -> Path | None:
-    return Path(config.source) if config.source and not config.source.startswith("<") \
-        else None
+    """The real config file: a symlink (/etc/edge-recorder/config.toml -> the state
+    directory's managed copy, on a read-only /etc) is followed, so an update replaces the
+    file it points to instead of the link."""
+    if not config.source or config.source.startswith("<"):
+        return None
+    return Path(config.source).resolve()
 
 
 def _file_sha256(path: Path | None) -> str:

@@ -37,6 +37,10 @@ def test_sync_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert config.sync is not None
     assert (config.sync.port, config.sync.chunk_kib, config.sync.window) == (8883, 120, 8)
     assert config.resolve_path(config.sync.ca_file) == tmp_path / "ca.crt"
+    assert config.sync.central_public_key is None  # receipts kept unverified
+    key = "A" * 43 + "="  # base64 of 32 zero bytes: the shape is all config checks
+    pinned = parse_config(BASE + SYNC + f'central_public_key = "{key}"\n', "c.toml")
+    assert pinned.sync is not None and pinned.sync.central_public_key == key
 
 
 @pytest.mark.parametrize(("extra", "needle"), [
@@ -44,6 +48,9 @@ def test_sync_defaults_and_relative_paths(tmp_path: Path) -> None:
     ("window = 100\n", "c.toml: sync.window: expected `int` <= 64"),
     ("reconnect_min_s = 9\nreconnect_max_s = 2\n", "c.toml: sync.reconnect_min_s: 9 is above"),
     ("colour = 1\n", "c.toml: sync.colour: unknown key"),
+    ('central_public_key = "c2hvcnQ="\n',
+     "c.toml: sync.central_public_key: not base64 of a 32-byte Ed25519 public key"),
+    ("central_public_key = 7\n", "c.toml: sync.central_public_key: expected `str | null`"),
 ])
 def test_sync_table_errors_name_the_key(extra: str, needle: str) -> None:
     with pytest.raises(ConfigError) as caught:

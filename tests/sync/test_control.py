@@ -568,3 +568,20 @@ def test_end_to_end_config_command_and_will(tmp_path: Path, broker: Broker, pki:
     finally:
         harness.client.loop_stop()
         device.plane.close()
+
+
+def test_config_update_follows_a_symlinked_config_to_the_managed_copy(tmp_path: Path) -> None:
+    """/etc/edge-recorder/config.toml -> state dir copy: the link stays, the target changes."""
+    from sync.control import _config_path
+
+    managed = tmp_path / "state" / "config.toml"
+    managed.parent.mkdir()
+    managed.write_text("x = 1\n")
+    link = tmp_path / "etc" / "config.toml"
+    link.parent.mkdir()
+    link.symlink_to(managed)
+
+    class Cfg:
+        source = str(link)
+
+    assert _config_path(Cfg()) == managed  # type: ignore[arg-type]

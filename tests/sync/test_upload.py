@@ -276,18 +276,17 @@ def test_audit_trail_is_countersigned(device: Device, central: Central) -> None:
     wait_stored(device, rid)
     head = device.catalogue.head()
 
-    def receipts() -> list[tuple[int, str]]:
-        with device.catalogue._reading():
-            return list(device.catalogue._conn.execute(
-                "SELECT count, head_hash FROM audit_receipts ORDER BY count"))
-
-    wait_until(lambda: bool(receipts()) and receipts()[-1][0] >= head.count,
+    wait_until(lambda: device.catalogue.receipt_count() >= head.count,
                what="receipt for the head")
-    count, head_hash = receipts()[-1]
+    receipt = device.catalogue.latest_receipt()
+    assert receipt is not None
+    count, head_hash = receipt["count"], receipt["head_hash"]
     entries = device.catalogue.audit_entries(count - 1, 1)
     assert entries[0].hash == head_hash
-    held = (central.store.directory / DEVICE / "audit.jsonl").read_text().splitlines()
-    assert len(held) >= count
+    held = central.store.catalogue.audit_entries(DEVICE, 1, count)
+    assert [e.seq for e in held] == list(range(1, count + 1))
+    anchored = central.store.catalogue.audit_head(DEVICE)
+    assert anchored is not None and anchored.count >= count
 
 
 def test_erasure_request_is_confirmed(device: Device, central: Central) -> None:
@@ -301,13 +300,7 @@ def test_erasure_request_is_confirmed(device: Device, central: Central) -> None:
                             erase_reason="objection")
         tx.enqueue("erasure", rid)
     wait_until(lambda: not central.stored_file(rid).exists(), what="central erased")
-
-    def erasure_state() -> str:
-        with device.catalogue._reading():
-            return str(device.catalogue._conn.execute(
-                "SELECT state FROM outbox WHERE kind = 'erasure' AND ref = ?",
-                (rid,)).fetchone()[0])
-
-    wait_until(lambda: erasure_state() == "stored", what="erasure marked")
+    wait_until(lambda: device.outbox_state(rid, "erasure") == "stored",
+               what="erasure marked")
     assert any(e.kind == "sync.erased" and e.subject == rid
                for e in device.catalogue.audit_entries())

@@ -38,8 +38,11 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = WAIT_S,
 
 
 def write_config(directory: Path, pki: Pki, broker: Broker, *, chunk_kib: int = 120,
-                 window: int = 8, ack_timeout_s: float = 1.0) -> Path:
+                 window: int = 8, ack_timeout_s: float = 1.0,
+                 central_public_key: str | None = None) -> Path:
     credential = pki.clients[DEVICE]
+    central_key = "" if central_public_key is None else \
+        f'central_public_key = "{central_public_key}"\n'
     text = f"""
 device_id = "{DEVICE}"
 site = "Test site"
@@ -64,7 +67,7 @@ window = {window}
 reconnect_min_s = 0.2
 reconnect_max_s = 1.0
 ack_timeout_s = {ack_timeout_s}
-"""
+{central_key}"""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "config.toml"
     path.write_text(text, encoding="utf-8")
@@ -74,8 +77,10 @@ ack_timeout_s = {ack_timeout_s}
 class Device:
     """The appliance's side: its catalogue and recordings, and the sync agent."""
 
-    def __init__(self, directory: Path, pki: Pki, broker: Broker, **options: float) -> None:
-        self.config_path = write_config(directory, pki, broker, **options)  # type: ignore[arg-type]
+    def __init__(self, directory: Path, pki: Pki, broker: Broker, *,
+                 central_public_key: str | None = None, **options: float) -> None:
+        self.config_path = write_config(directory, pki, broker,  # type: ignore[arg-type]
+                                        central_public_key=central_public_key, **options)
         self.config: Config = load_config(self.config_path)
         self.key = load_or_create_signing_key(self.config.device_key_path)
         self.catalogue = Catalogue(self.config.catalogue_path, clock=SystemClock(),
@@ -110,11 +115,10 @@ class Device:
         assert row is not None
         return row
 
-    def outbox_state(self, rid: str) -> str:
-        with self.catalogue._reading():
-            row = self.catalogue._conn.execute(
-                "SELECT state FROM outbox WHERE ref = ?", (rid,)).fetchone()
-        return str(row[0])
+    def outbox_state(self, rid: str, kind: str = "recording") -> str:
+        item = self.catalogue.outbox_item(kind, rid)
+        assert item is not None, f"no {kind} {rid} in the outbox"
+        return str(item["state"])
 
     def start_agent(self) -> SyncAgent:
         self._agent = SyncAgent(self.config)
@@ -145,7 +149,7 @@ class Device:
 
 
 class Central:
-    """The minimal central store in this process."""
+    """One central ingest worker (SQLite catalogue) in this process."""
 
     def __init__(self, directory: Path, pki: Pki, broker: Broker, device_pub: Path) -> None:
         devices = directory / "devices"
@@ -170,7 +174,7 @@ class Central:
             self.started = False
 
     def stored_file(self, rid: str) -> Path:
-        return self.store.directory / DEVICE / f"{rid}.rec"
+        return self.store.stored_file(DEVICE, rid)
 
 
 def sha256_file(path: Path) -> str:

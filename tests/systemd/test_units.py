@@ -53,3 +53,42 @@ def test_unit_is_hardened(unit: Path) -> None:
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert match, result.stdout[-500:] + result.stderr
     assert float(match.group(1)) <= MAX_EXPOSURE
+
+
+def unit_settings(unit: Path) -> dict[str, list[str]]:
+    """``Section.Key`` -> every value it is given, in order (keys may repeat)."""
+    settings: dict[str, list[str]] = {}
+    section = ""
+    for raw in unit.read_text().splitlines():
+        line = raw.strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+        elif line and not line.startswith(("#", ";")) and "=" in line:
+            key, value = line.split("=", 1)
+            settings.setdefault(f"{section}.{key}", []).append(value)
+    return settings
+
+
+def test_only_the_sync_agent_reaches_the_network() -> None:
+    recorder = unit_settings(REPO / "systemd" / "edge-recorder.service")
+    agent = unit_settings(REPO / "systemd" / "edge-recorder-sync.service")
+    assert recorder["Service.PrivateNetwork"] == ["yes"]
+    assert recorder["Service.RestrictAddressFamilies"] == ["AF_UNIX"]
+    assert "Service.PrivateNetwork" not in agent
+    assert agent["Service.RestrictAddressFamilies"] == ["AF_INET AF_INET6 AF_UNIX"]
+    assert agent["Service.ExecStart"] == [
+        "/opt/edge-recorder/bin/edge-recorder sync --config /etc/edge-recorder/config.toml"]
+    assert "network-online.target" in agent["Unit.After"][0].split()
+    assert "network-online.target" in agent["Unit.Wants"][0].split()
+    assert agent["Service.Restart"] == ["on-failure"]
+    assert float(agent["Service.RestartSec"][0]) >= 1
+
+
+def test_sync_agent_writes_only_its_state_directory() -> None:
+    agent = unit_settings(REPO / "systemd" / "edge-recorder-sync.service")
+    assert agent["Service.ProtectSystem"] == ["strict"]
+    assert agent["Service.ProtectHome"] == ["yes"]
+    assert agent["Service.StateDirectory"] == ["edge-recorder"]
+    for key in ("ReadWritePaths", "LogsDirectory", "CacheDirectory", "RuntimeDirectory"):
+        assert f"Service.{key}" not in agent, key
+    assert agent["Service.User"] == ["edge-recorder"]

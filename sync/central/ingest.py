@@ -1,0 +1,431 @@
+"""The ingest: the central side of the upload protocol (docs/PROTOCOL.md, docs/CENTRAL.md).
+
+:class:`CentralStore` turns one device message into its answers; :class:`CentralClient`
+is the MQTT worker. Several workers share the load through a shared subscription
+(``$share/<group>/er/v1/+/up/#``): each has its own certificate and worker id, and they
+share the object folder and the catalogue. Nothing a worker decides lives only in its
+memory: the ranges held are in the chunk logs, "stored" is the catalogue row, so a
+worker that dies mid-file loses nothing and any worker completes the upload when the
+device resumes.
+
+"stored" is answered only after the object is fsynced and renamed (directory fsynced)
+and its catalogue row committed. Callbacks run on paho's network thread, one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from firmware.catalogue import iso_utc_ms
+from firmware.keys import KeyFileError, key_id, load_public_key
+from sync import protocol as p
+from sync.central.anchor import anchor_batch
+from sync.central.catalogue import Catalogue, StatusRow, StoredRecording, open_catalogue
+from sync.central.objects import ObjectStore
+
+log = logging.getLogger(__name__)
+
+CLIENT_ID = "central"  # the certificate CN the ACL grants er/v1/+/up/# (sync/mosquitto/acl)
+SESSION_EXPIRY_S = 24 * 3600  # the broker keeps our subscription and queue this long
+KEEPALIVE_S = 30
+STATUS_FLUSH_S = 1.0  # fleet status is written in batches at most this old
+ALERT_BAD_SIGNATURE = "ingest.bad_signature"
+ALERT_BAD_HASH = "ingest.sha256_mismatch"
+STATE_TOPIC = f"{p.TOPIC_ROOT}/central/down/ingest"  # + /<worker>; "central" is never a device
+
+
+@dataclass
+class Stats:
+    """Counters for tests and benchmarks."""
+
+    chunk_bytes: int = 0  # data bytes of every chunk received, duplicates included
+    chunks: int = 0
+    stored: int = 0
+    refused: int = 0  # messages answered with an error or dropped as malformed
+    statuses: int = 0
+
+
+Answers = list[tuple[str, bytes]]
+
+
+class CentralStore:
+    """Message handling: objects on a filesystem path, rows in the catalogue."""
+
+    def __init__(self, directory: Path, devices_dir: Path, signing_key: Ed25519PrivateKey,
+                 *, catalogue: Catalogue | None = None, worker_id: str = CLIENT_ID,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.directory = directory
+        self.devices_dir = devices_dir
+        self.key = signing_key
+        self.key_id = key_id(signing_key.public_key())
+        self.worker_id = worker_id
+        self.objects = ObjectStore(directory, worker_id)
+        self.catalogue: Catalogue = catalogue or open_catalogue(str(directory / "catalogue.db"))
+        self.clock = clock
+        self.stats = Stats()
+        self._statuses: dict[str, StatusRow] = {}
+        self._status_lock = threading.Lock()
+        self._dirty: set[str] = set()
+
+    def close(self) -> None:
+        self.flush_statuses()
+        self.catalogue.close()
+
+    def stored_file(self, device: str, rid: str) -> Path:
+        return self.objects.object_path(device, rid)
+
+    def _now(self) -> str:
+        return iso_utc_ms(self.clock())
+
+    # --- dispatch ----------------------------------------------------------------------
+    def handle(self, topic: str, payload: bytes) -> Answers:
+        """The answers (topic, payload) to one message; malformed ones are logged."""
+        try:
+            parsed = p.parse_topic(topic)
+            if parsed.direction != "up":
+                return []
+            return self._dispatch(parsed, payload)
+        except p.ProtocolError as exc:
+            self.stats.refused += 1
+            log.warning("%s: refused: %s", topic[:120], exc)
+            return self._error_answer(topic, payload, exc)
+        except OSError as exc:
+            self.stats.refused += 1
+            log.error("%s: cannot store: %s", topic[:120], exc)
+            return self._io_error(topic)
+
+    def _dispatch(self, topic: p.Topic, payload: bytes) -> Answers:
+        device, rest = topic.device_id, topic.rest
+        if len(rest) == 3 and rest[0] == "rec":
+            handler = {"init": self._init, "chunk": self._chunk, "fin": self._fin}.get(rest[2])
+            if handler is None:
+                raise p.ProtocolError(f"rec/{rest[2][:20]}: unknown message")
+            ack = handler(device, rest[1], payload)
+            return [(p.rec_topic(device, "down", ack.recording_id, "ack"), ack.encode())]
+        if rest == ("audit", "batch"):
+            batch = p.decode_audit_batch(payload)
+            answer = anchor_batch(self.catalogue, self.key, device, self._device_key(device),
+                                  batch, self._now())
+            if answer.error == "audit_invalid":
+                self.stats.refused += 1
+            return [(f"{p.device_prefix(device)}/down/audit/receipt", answer.encode())]
+        if rest == ("erasure",):
+            done = self._erasure(device, p.decode_erasure(payload))
+            return [(f"{p.device_prefix(device)}/down/erasure/ack", done.encode())]
+        if rest == ("status",):
+            self._status(device, payload)
+            return []
+        log.debug("%s/up/%s: not an ingest message; ignored", device, "/".join(rest)[:80])
+        return []
+
+    def _error_answer(self, topic: str, payload: bytes, exc: p.ProtocolError) -> Answers:
+        """A rejected/partial ack when the message names a recording we can answer for."""
+        named = _recording_topic(topic)
+        if named is None:
+            return []
+        device, rid, leaf = named
+        have = self._have(device, rid)
+        if exc.code in p.FATAL_ERRORS or leaf == "init":
+            ack = p.Ack(rid, p.REJECTED, have, error=exc.code, detail=str(exc))
+        else:
+            bad = p.chunk_offset(payload) if leaf == "chunk" else None
+            ack = p.Ack(rid, p.PARTIAL, have, error=exc.code, detail=str(exc), bad_offset=bad)
+        return [(p.rec_topic(device, "down", rid, "ack"), ack.encode())]
+
+    def _io_error(self, topic: str) -> Answers:
+        named = _recording_topic(topic)
+        if named is None:
+            return []
+        ack = p.Ack(named[1], p.REJECTED, [], error="io_error", detail="central cannot write")
+        return [(p.rec_topic(named[0], "down", named[1], "ack"), ack.encode())]
+
+    def _have(self, device: str, rid: str) -> list[p.Range]:
+        try:
+            return self.objects.held(device, rid) if self.objects.load_init(device, rid) else []
+        except OSError:
+            return []
+
+    # --- recordings --------------------------------------------------------------------
+    def _init(self, device: str, rid: str, payload: bytes) -> p.Ack:
+        init = p.decode_init(payload)
+        _same_id(init.recording_id, rid)
+        if init.manifest.get("device_id") != device:
+            raise p.ProtocolError("init: manifest device_id is not the sender", "bad_signature")
+        self._verify_manifest(device, init)
+        done = self._already_stored(device, rid, init.sha256, init.size)
+        if done is not None:
+            return done
+        staged = self.objects.load_init(device, rid)
+        if staged is None or (staged["sha256"], staged["size"]) != (init.sha256, init.size):
+            self.objects.begin(device, rid, json.loads(payload))
+            log.info("%s: upload %s begun (%d bytes)", device, rid, init.size)
+        return p.Ack(rid, p.PARTIAL, self.objects.held(device, rid))
+
+    def _already_stored(self, device: str, rid: str, sha256: str, size: int) -> p.Ack | None:
+        row = self.catalogue.get_recording(rid)
+        if row is None:
+            tomb = self.catalogue.tombstone(rid)
+            if tomb is None:
+                return None
+            return p.Ack(rid, p.STORED, [(0, size)] if size else [], size, sha256)
+        if row.device_id != device or (row.sha256, row.size) != (sha256, size):
+            raise p.ProtocolError(f"recording {rid}: stored with another sha256", "conflict")
+        return _stored_ack(rid, row.size, row.sha256)
+
+    def _verify_manifest(self, device: str, init: p.Init) -> None:
+        try:
+            self._device_key(device).verify(init.manifest_sig, p.manifest_bytes(init.manifest))
+        except InvalidSignature:
+            self.catalogue.add_alert(device, ALERT_BAD_SIGNATURE, init.recording_id,
+                                     "manifest signature does not verify", self._now())
+            raise p.ProtocolError(f"init {init.recording_id}: manifest signature does not "
+                                  f"verify with {device}'s key", "bad_signature") from None
+
+    def _device_key(self, device: str) -> Ed25519PublicKey:
+        try:
+            return load_public_key(self.devices_dir / f"{device}.pub")
+        except KeyFileError as exc:
+            raise p.ProtocolError(f"device {device}: no usable public key ({exc})",
+                                  "unknown_device") from None
+
+    def _chunk(self, device: str, rid: str, payload: bytes) -> p.Ack:
+        chunk = p.decode_chunk(payload)
+        _same_id(chunk.recording_id, rid)
+        self.stats.chunks += 1
+        self.stats.chunk_bytes += len(chunk.data)
+        staged = self.objects.load_init(device, rid)
+        if staged is None:
+            row = self.catalogue.get_recording(rid)
+            if row is not None and row.device_id == device:
+                return _stored_ack(rid, row.size, row.sha256)
+            return p.Ack(rid, p.PARTIAL, [], error="no_init")
+        if chunk.end > int(staged["size"]):
+            raise p.ProtocolError(f"chunk {rid}@{chunk.offset}: ends at {chunk.end}, after "
+                                  f"the size {staged['size']}", "bad_chunk")
+        have = self.objects.held(device, rid)
+        if not p.covered(have, (chunk.offset, chunk.end)):
+            self.objects.append(device, rid, chunk.offset, chunk.data)
+            have = p.add_range(have, (chunk.offset, chunk.end))
+        return p.Ack(rid, p.PARTIAL, have)
+
+    def _fin(self, device: str, rid: str, payload: bytes) -> p.Ack:
+        fin = p.decode_fin(payload)
+        _same_id(fin.recording_id, rid)
+        done = self._already_stored(device, rid, fin.sha256, fin.size)
+        if done is not None:
+            return done
+        staged = self.objects.load_init(device, rid)
+        if staged is None:
+            return p.Ack(rid, p.PARTIAL, [], error="no_init")
+        if (fin.size, fin.sha256) != (staged["size"], staged["sha256"]):
+            raise p.ProtocolError(f"fin {rid}: size or sha256 differs from the init")
+        have = self.objects.held(device, rid)
+        if p.missing_ranges(fin.size, have):
+            return p.Ack(rid, p.PARTIAL, have)
+        return self._store(device, rid, staged)
+
+    def _store(self, device: str, rid: str, staged: dict[str, Any]) -> p.Ack:
+        tmp, digest = self.objects.assemble(device, rid, int(staged["size"]))
+        if digest != staged["sha256"]:
+            tmp.unlink(missing_ok=True)
+            self.objects.begin(device, rid, staged)
+            log.error("%s: upload %s does not match its sha256; discarded", device, rid)
+            self.catalogue.add_alert(device, ALERT_BAD_HASH, rid,
+                                     "every byte arrived but the sha256 did not match",
+                                     self._now())
+            return p.Ack(rid, p.PARTIAL, [], error="sha256_mismatch")
+        manifest = {"manifest": staged["manifest"], "manifest_sig": staged["manifest_sig"]}
+        final = self.objects.publish(device, rid, tmp, manifest)
+        row = _row(device, staged, final.relative_to(self.directory), self._now())
+        if self.catalogue.add_recording(row):
+            self.stats.stored += 1
+            log.info("%s: recording %s stored (%d bytes, sha256 %s)", device, rid, row.size,
+                     row.sha256)
+        self.objects.discard(device, rid)
+        return _stored_ack(rid, row.size, row.sha256)
+
+    # --- erasure -----------------------------------------------------------------------
+    def _erasure(self, device: str, request: p.Erasure) -> p.ErasureAck:
+        from sync.central.retention import erase
+
+        erase(self, device, request.recording_id, cause="erasure", reason=request.reason,
+              requested_at=request.erased_at)
+        return p.ErasureAck(request.recording_id)
+
+    # --- fleet status ------------------------------------------------------------------
+    def _status(self, device: str, payload: bytes) -> None:
+        self.stats.statuses += 1
+        try:
+            status = json.loads(payload)
+            session, state = int(status["session"]), str(status["state"])
+        except (ValueError, KeyError, TypeError):
+            raise p.ProtocolError("status: not a status message") from None
+        now = self._now()
+        with self._status_lock:
+            last = self._statuses.get(device)
+            if last is not None and session < last.session:
+                return  # the session rule (docs/PROTOCOL.md, "Fleet status")
+            since = last.since if last is not None and last.state == state else now
+            self._statuses[device] = StatusRow(device, session, state, since, now, status)
+            self._dirty.add(device)
+
+    def flush_statuses(self) -> int:
+        """Write the statuses that changed since the last flush; how many."""
+        with self._status_lock:
+            rows = [self._statuses[d] for d in sorted(self._dirty)]
+            self._dirty.clear()
+        self.catalogue.put_statuses(rows)
+        return len(rows)
+
+
+class CentralClient:
+    """One ingest worker on MQTT: a persistent session, answers from the store.
+
+    ``share_group`` subscribes ``$share/<group>/er/v1/+/up/#`` so that several workers
+    split the messages; each must connect with its own certificate (``client_id`` is
+    replaced by the certificate's CN on the repository's broker).
+    """
+
+    def __init__(self, store: CentralStore, host: str, port: int, ca: Path, cert: Path,
+                 key: Path, *, client_id: str = CLIENT_ID, share_group: str | None = None) -> None:
+        self.store = store
+        self.host, self.port = host, port
+        self.share_group = share_group
+        self.connected = threading.Event()
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=mqtt.MQTTv5)
+        self.client.tls_set(ca_certs=str(ca), certfile=str(cert), keyfile=str(key))
+        self.client.reconnect_delay_set(1, 30)
+        self.client.max_inflight_messages_set(100)
+        self.client.will_set(self.state_topic, _state("offline", store.worker_id), 1, True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    @property
+    def state_topic(self) -> str:
+        return f"{STATE_TOPIC}/{self.store.worker_id}"
+
+    @property
+    def filter(self) -> str:
+        topic = f"{p.TOPIC_ROOT}/+/up/#"
+        return f"$share/{self.share_group}/{topic}" if self.share_group else topic
+
+    def start(self) -> None:
+        # A single worker keeps a persistent session, so its queue waits while it is away.
+        # A shared-subscription worker must not: mosquitto keeps handing an offline
+        # member its share of the messages. Its session ends with its connection; what
+        # was in flight to it is found missing at the device's next init.
+        shared = self.share_group is not None
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 0 if shared else SESSION_EXPIRY_S
+        self.client.connect_async(self.host, self.port, keepalive=KEEPALIVE_S,
+                                  clean_start=shared, properties=properties)
+        self.client.loop_start()
+        self._stop.clear()
+        self._flusher = threading.Thread(target=self._flush_loop, name="status-flush",
+                                         daemon=True)
+        self._flusher.start()
+
+    def stop(self) -> None:
+        """A clean stop: the state says offline, the connection ends."""
+        self._stop.set()
+        if self.connected.is_set():
+            self.client.publish(self.state_topic, _state("offline", self.store.worker_id),
+                                1, True).wait_for_publish(5)
+        self.client.disconnect()
+        self.client.loop_stop()
+        if self._flusher is not None:
+            self._flusher.join(5)
+        self.store.flush_statuses()
+
+    def kill(self) -> None:
+        """Drop the connection without DISCONNECT (a crash, for tests): the will fires."""
+        self._stop.set()
+        self.client.loop_stop()
+        sock = self.client.socket()
+        if sock is not None:
+            sock.close()
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(STATUS_FLUSH_S):
+            try:
+                self.store.flush_statuses()
+            except Exception:
+                log.exception("fleet status not written")
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: ReasonCode,
+                    _p: Properties | None) -> None:
+        if reason.is_failure:
+            log.error("broker refused central: %s", reason)
+            return
+        # Subscribed again on every connection: a broker that lost its state (killed
+        # between autosaves) has forgotten the session.
+        client.subscribe(self.filter, qos=1)
+        client.publish(self.state_topic, _state("online", self.store.worker_id), 1, True)
+        log.info("ingest %s connected (session present: %s)", self.store.worker_id,
+                 flags.session_present)
+        self.connected.set()
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode,
+                       _p: Properties | None) -> None:
+        self.connected.clear()
+        log.warning("ingest %s disconnected: %s", self.store.worker_id, reason)
+
+    def _on_message(self, client: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        for topic, payload in self.store.handle(message.topic, bytes(message.payload)):
+            client.publish(topic, payload, qos=1)
+
+
+# --- helpers ------------------------------------------------------------------------
+def _state(state: str, worker: str) -> bytes:
+    return json.dumps({"state": state, "worker": worker}).encode()
+
+
+def _stored_ack(rid: str, size: int, sha256: str) -> p.Ack:
+    return p.Ack(rid, p.STORED, [(0, size)] if size else [], size, sha256)
+
+
+def _row(device: str, staged: dict[str, Any], path: Path, now: str) -> StoredRecording:
+    manifest = staged["manifest"]
+    return StoredRecording(staged["recording_id"], device, staged["sha256"],
+                           int(staged["size"]), manifest, staged["manifest_sig"], str(path),
+                           now, manifest.get("started_at"), manifest.get("retention_until"))
+
+
+def _recording_topic(topic: str) -> tuple[str, str, str] | None:
+    try:
+        parsed = p.parse_topic(topic)
+    except p.ProtocolError:
+        return None
+    rest = parsed.rest
+    if len(rest) != 3 or rest[0] != "rec" or not _is_uuid(rest[1]):
+        return None
+    return parsed.device_id, rest[1], rest[2]
+
+
+def _same_id(decoded: str, topic_rid: str) -> None:
+    if decoded != topic_rid:
+        raise p.ProtocolError(f"recording id {decoded} differs from the topic's "
+                              f"{topic_rid[:40]!r}")
+
+
+def _is_uuid(text: str) -> bool:
+    return len(text) == 36 and all(c in "0123456789abcdef-" for c in text)

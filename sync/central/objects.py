@@ -1,0 +1,182 @@
+"""Where the central store keeps bytes: staged uploads and stored objects.
+
+    <root>/staging/<device_id>/<recording_id>/init.json     the verified init (atomic)
+    <root>/staging/<device_id>/<recording_id>/<worker>.log  chunk records this worker took
+    <root>/objects/<device_id>/<recording_id>.rec           the stored ciphertext
+    <root>/objects/<device_id>/<recording_id>.manifest.json manifest + device signature
+
+A chunk record is a 16-byte header (offset u64, length u32, CRC-32 u32, big-endian) and the
+data, appended with one write and one fdatasync: the only sync a chunk costs. Each worker
+appends to its own log, so workers sharing one folder (a shared filesystem) never write
+the same file; the ranges held are the union of every log's complete, CRC-valid records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from firmware.fsutil import atomic_write, fsync_dir, make_dirs
+from sync import protocol as p
+
+RECORD = struct.Struct(">QII")  # offset, length, CRC-32 (zlib.crc32, as the chunk header)
+DIR_MODE, FILE_MODE = 0o700, 0o600
+HASH_BLOCK_BYTES = 1024 * 1024
+LOG_SUFFIX = ".log"
+
+
+@dataclass
+class _LogView:
+    """What one log held when last read: its complete records up to ``pos``."""
+
+    pos: int = 0
+    ranges: list[p.Range] = field(default_factory=list)
+
+
+class ObjectStore:
+    """Files only; the catalogue decides what is stored."""
+
+    def __init__(self, root: Path, worker_id: str) -> None:
+        self.root = root
+        self.worker_id = worker_id
+        self._views: dict[Path, _LogView] = {}
+        self._own: set[Path] = set()
+        make_dirs(root / "staging", DIR_MODE)
+        make_dirs(root / "objects", DIR_MODE)
+
+    # --- staging -----------------------------------------------------------------------
+    def staging(self, device: str, rid: str) -> Path:
+        return self.root / "staging" / device / rid
+
+    def load_init(self, device: str, rid: str) -> dict[str, Any] | None:
+        try:
+            raw: dict[str, Any] = json.loads((self.staging(device, rid) / "init.json")
+                                             .read_bytes())
+        except (FileNotFoundError, ValueError):
+            return None
+        return raw
+
+    def begin(self, device: str, rid: str, init: dict[str, Any]) -> None:
+        """A fresh staging folder for this init (any older attempt's logs removed)."""
+        folder = self.staging(device, rid)
+        self.discard(device, rid)
+        make_dirs(folder, DIR_MODE)
+        atomic_write(folder / "init.json", json.dumps(init).encode(), FILE_MODE)
+        fsync_dir(folder.parent)
+
+    def discard(self, device: str, rid: str) -> None:
+        folder = self.staging(device, rid)
+        for path in [k for k in self._views if k.parent == folder]:
+            del self._views[path]
+        self._own = {k for k in self._own if k.parent != folder}
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def append(self, device: str, rid: str, offset: int, data: bytes) -> None:
+        """One record, durable when this returns (one fdatasync)."""
+        path = self.staging(device, rid) / f"{self.worker_id}{LOG_SUFFIX}"
+        if path not in self._own:
+            _cut_torn_tail(path)  # left by a crash of this worker: later records must count
+            self._own.add(path)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        try:
+            os.write(fd, RECORD.pack(offset, len(data), zlib.crc32(data)) + data)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    def held(self, device: str, rid: str) -> list[p.Range]:
+        """The ranges every worker's log holds (read incrementally)."""
+        ranges: list[p.Range] = []
+        for path in self._logs(device, rid):
+            view = self._views.setdefault(path, _LogView())
+            for offset, data in _records(path, view.pos):
+                view.ranges = p.add_range(view.ranges, (offset, offset + len(data)))
+                view.pos += RECORD.size + len(data)
+            ranges.extend(view.ranges)
+        return p.merge_ranges(ranges)
+
+    def _logs(self, device: str, rid: str) -> list[Path]:
+        try:
+            return sorted(self.staging(device, rid).glob(f"*{LOG_SUFFIX}"))
+        except FileNotFoundError:
+            return []
+
+    # --- objects -----------------------------------------------------------------------
+    def object_path(self, device: str, rid: str) -> Path:
+        return self.root / "objects" / device / f"{rid}.rec"
+
+    def manifest_path(self, device: str, rid: str) -> Path:
+        return self.root / "objects" / device / f"{rid}.manifest.json"
+
+    def assemble(self, device: str, rid: str, size: int) -> tuple[Path, str]:
+        """Write the staged records into a temporary file; fsynced; its sha256."""
+        folder = self.root / "objects" / device
+        make_dirs(folder, DIR_MODE)
+        tmp = folder / f".{rid}.{self.worker_id}.part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+        try:
+            os.ftruncate(fd, size)
+            for path in self._logs(device, rid):
+                for offset, data in _records(path, 0):
+                    os.pwrite(fd, data, offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return tmp, file_sha256(tmp)
+
+    def publish(self, device: str, rid: str, tmp: Path, manifest: dict[str, Any]) -> Path:
+        """Rename the assembled file into place with its manifest; both durable."""
+        final = self.object_path(device, rid)
+        os.replace(tmp, final)
+        atomic_write(self.manifest_path(device, rid), json.dumps(manifest).encode(), FILE_MODE)
+        fsync_dir(final.parent)
+        return final
+
+    def delete(self, device: str, rid: str) -> None:
+        for path in (self.object_path(device, rid), self.manifest_path(device, rid)):
+            path.unlink(missing_ok=True)
+        self.discard(device, rid)
+        folder = self.root / "objects" / device
+        if folder.is_dir():
+            fsync_dir(folder)
+
+
+def _records(path: Path, start: int) -> Iterator[tuple[int, bytes]]:
+    """Complete, CRC-valid records from ``start``; stops at a torn or damaged one."""
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        return
+    with handle:
+        handle.seek(start)
+        while len(header := handle.read(RECORD.size)) == RECORD.size:
+            offset, length, crc = RECORD.unpack(header)
+            data = handle.read(length)
+            if len(data) != length or zlib.crc32(data) != crc:
+                return
+            yield offset, data
+
+
+def _cut_torn_tail(path: Path) -> None:
+    end = sum(RECORD.size + len(data) for _, data in _records(path, 0))
+    try:
+        if path.stat().st_size > end:
+            os.truncate(path, end)
+    except FileNotFoundError:
+        pass
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(HASH_BLOCK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()

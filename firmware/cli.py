@@ -61,6 +61,42 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return run_agent(args.config)
 
 
+def cmd_central_ingest(args: argparse.Namespace) -> int:
+    from sync.central.__main__ import main as ingest_main
+
+    return ingest_main(args.options)
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from sync.central.catalogue import open_catalogue
+    from sync.central.fleet import render_json, render_table, snapshot
+
+    catalogue = open_catalogue(args.catalogue)
+    try:
+        table = snapshot(catalogue)
+    finally:
+        catalogue.close()
+    if args.json:
+        print(render_json(table))
+    else:
+        Console().print(render_table(table))
+    return 0
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from provisioning.commands import cmd_provision as run
+
+    return run(args)
+
+
+def cmd_provision_agent(args: argparse.Namespace) -> int:
+    from provisioning.commands import cmd_provision_agent as run
+
+    return run(args)
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     from firmware.config import load_config
 
@@ -380,6 +416,18 @@ def build_parser() -> _Parser:
     p = add("sync", cmd_sync, "upload recordings and the audit trail to the central store")
     p.add_argument("--config", **config_kw)
 
+    central = add("central", lambda a: 0, "the central compliance store")
+    central_sub = central.add_subparsers(dest="central_command", required=True,
+                                         parser_class=_Parser)
+    p = add("ingest", cmd_central_ingest, "run one ingest worker (options: python -m "
+            "sync.central --help)", central_sub)
+    p.add_argument("options", nargs="*", help="after --: the worker's options")
+    p = add("fleet", cmd_fleet, "the devices' state from the central catalogue")
+    p.add_argument("--catalogue", required=True, help="sqlite:///PATH or postgresql://...")
+    p.add_argument("--json", action="store_true", help="JSON for scripts")
+
+    _add_provision_commands(add)
+
     cfg = add("config", lambda a: 0, "configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
     p = add("check", cmd_config_check, "validate a config file", cfg_sub)
@@ -439,6 +487,17 @@ def build_parser() -> _Parser:
                    help="times real time (0 = as fast as possible)")
     p.add_argument("--scenario", type=_existing_file, default=None)
     return parser
+
+
+def _add_provision_commands(add: Callable[..., _Parser]) -> None:
+    from provisioning.cliargs import add_agent_arguments, add_provision_arguments
+
+    p = add("provision", cmd_provision,
+            "provision a box over serial: settings, keys, certificate, self-tests, lock")
+    add_provision_arguments(p)
+    p = add("provision-agent", cmd_provision_agent,
+            "answer provisioning requests on a serial port (runs on the appliance)")
+    add_agent_arguments(p, DEFAULT_PATH)
 
 
 def _add_policy_commands(add: Callable[..., _Parser]) -> None:

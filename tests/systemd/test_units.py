@@ -92,3 +92,12 @@ def test_sync_agent_writes_only_its_state_directory() -> None:
     for key in ("ReadWritePaths", "LogsDirectory", "CacheDirectory", "RuntimeDirectory"):
         assert f"Service.{key}" not in agent, key
     assert agent["Service.User"] == ["edge-recorder"]
+
+
+def test_provisioning_agent_keeps_the_console_getty_off_its_port() -> None:
+    text = (REPO / "systemd" / "edge-recorder-provision.service").read_text()
+    port = re.search(r"provision-agent --port /dev/(\S+)", text)
+    assert port and port.group(1) == "serial0"
+    conflicts = re.search(r"^Conflicts=(.*)$", text, re.MULTILINE)
+    assert conflicts and "serial-getty@ttyS0.service" in conflicts.group(1)
+    assert "serial-getty@ttyAMA0.service" in conflicts.group(1)

@@ -9,6 +9,10 @@ A chunk record is a 16-byte header (offset u64, length u32, CRC-32 u32, big-endi
 data, appended with one write and one fdatasync: the only sync a chunk costs. Each worker
 appends to its own log, so workers sharing one folder (a shared filesystem) never write
 the same file; the ranges held are the union of every log's complete, CRC-valid records.
+
+Per chunk nothing is read back that this worker already knows: its own records count once
+their fdatasync returns, other workers' logs are read from where they were last read, and
+the init is parsed again only when its file was replaced.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ class _LogView:
     ranges: list[p.Range] = field(default_factory=list)
 
 
+_FileId = tuple[int, int, int]  # st_ino, st_mtime_ns, st_size: a replaced file differs
+
+
 class ObjectStore:
     """Files only; the catalogue decides what is stored."""
 
@@ -49,6 +56,7 @@ class ObjectStore:
         self.worker_id = worker_id
         self._views: dict[Path, _LogView] = {}
         self._own: set[Path] = set()
+        self._inits: dict[Path, tuple[_FileId, dict[str, Any]]] = {}
         make_dirs(root / "staging", DIR_MODE)
         make_dirs(root / "objects", DIR_MODE)
 
@@ -57,11 +65,20 @@ class ObjectStore:
         return self.root / "staging" / device / rid
 
     def load_init(self, device: str, rid: str) -> dict[str, Any] | None:
+        """The staged init (treat as read-only); parsed again only when its file changed
+        (``begin`` by any worker writes a new file)."""
+        path = self.staging(device, rid) / "init.json"
         try:
-            raw: dict[str, Any] = json.loads((self.staging(device, rid) / "init.json")
-                                             .read_bytes())
+            info = path.stat()
+            file_id = (info.st_ino, info.st_mtime_ns, info.st_size)
+            cached = self._inits.get(path)
+            if cached is not None and cached[0] == file_id:
+                return cached[1]
+            raw: dict[str, Any] = json.loads(path.read_bytes())
         except (FileNotFoundError, ValueError):
+            self._inits.pop(path, None)
             return None
+        self._inits[path] = (file_id, raw)
         return raw
 
     def begin(self, device: str, rid: str, init: dict[str, Any]) -> None:
@@ -77,6 +94,7 @@ class ObjectStore:
         for path in [k for k in self._views if k.parent == folder]:
             del self._views[path]
         self._own = {k for k in self._own if k.parent != folder}
+        self._inits.pop(folder / "init.json", None)
         shutil.rmtree(folder, ignore_errors=True)
 
     def append(self, device: str, rid: str, offset: int, data: bytes) -> None:
@@ -85,12 +103,26 @@ class ObjectStore:
         if path not in self._own:
             _cut_torn_tail(path)  # left by a crash of this worker: later records must count
             self._own.add(path)
+        record = RECORD.pack(offset, len(data), zlib.crc32(data)) + data
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         try:
-            os.write(fd, RECORD.pack(offset, len(data), zlib.crc32(data)) + data)
+            start = os.lseek(fd, 0, os.SEEK_END)
+            written = os.write(fd, record)
+            if written != len(record):
+                os.ftruncate(fd, start)  # no torn record that would hide later ones
+                raise OSError(f"{path}: short write ({written} of {len(record)} bytes)")
             os.fdatasync(fd)
         finally:
             os.close(fd)
+        self._count_own(path, start, len(record), (offset, offset + len(data)))
+
+    def _count_own(self, path: Path, start: int, length: int, held: p.Range) -> None:
+        """A record of ours, durable now: held without reading it back, if the view has
+        read everything before it (else ``held`` reads on from the view's position)."""
+        view = self._views.setdefault(path, _LogView())
+        if view.pos == start:
+            view.pos = start + length
+            view.ranges = p.add_range(view.ranges, held)
 
     def held(self, device: str, rid: str) -> list[p.Range]:
         """The ranges every worker's log holds (read incrementally)."""
@@ -121,15 +153,23 @@ class ObjectStore:
         folder = self.root / "objects" / device
         make_dirs(folder, DIR_MODE)
         tmp = folder / f".{rid}.{self.worker_id}.part"
+        digest, hashed = hashlib.sha256(), 0  # while the records come in file order
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
         try:
             os.ftruncate(fd, size)
             for path in self._logs(device, rid):
                 for offset, data in _records(path, 0):
                     os.pwrite(fd, data, offset)
+                    if offset == hashed >= 0:
+                        digest.update(data)
+                        hashed += len(data)
+                    else:
+                        hashed = -1  # out of order or overlapping: hash the file instead
             os.fsync(fd)
         finally:
             os.close(fd)
+        if hashed == size:
+            return tmp, digest.hexdigest()
         return tmp, file_sha256(tmp)
 
     def publish(self, device: str, rid: str, tmp: Path, manifest: dict[str, Any]) -> Path:

@@ -164,7 +164,6 @@ class Agent:
         self._mac_key: bytes | None = None
         self._uploads: dict[str, c.ItemAssembler] = {}
         self._downloads: dict[str, bytes] = {}
-        self._nonce: bytes | None = None
 
     @property
     def state(self) -> State:
@@ -262,9 +261,28 @@ class Agent:
             log.warning("%s", exc)
             return None
 
+    @property
+    def _challenge_path(self) -> Path:
+        return self.paths.provision_dir / "unlock-challenge.json"
+
     def _challenge(self, _request: c.Empty) -> c.Msg:
-        self._nonce = os.urandom(NONCE_BYTES)
-        return c.ChallengeRep(serial=self.identity.serial, nonce=self._nonce)
+        """A fresh nonce, kept on disk until one ticket uses it: ops may sign the ticket
+        hours later while the engineer reconnects; a new challenge replaces the old."""
+        nonce = os.urandom(NONCE_BYTES)
+        make_dirs(self.paths.provision_dir, 0o700)
+        atomic_write(self._challenge_path, json.dumps({"nonce": nonce.hex()}).encode(), 0o600)
+        config = self._config_or_none()
+        return c.ChallengeRep(serial=self.identity.serial, nonce=nonce, state=self.state.value,
+                              device_id=config.device_id if config else None)
+
+    def _take_nonce(self) -> bytes | None:
+        """The pending challenge nonce, consumed: a ticket works once."""
+        try:
+            nonce = bytes.fromhex(json.loads(self._challenge_path.read_text())["nonce"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        self._challenge_path.unlink(missing_ok=True)
+        return nonce
 
     # --- authentication -----------------------------------------------------------------
     def _auth_start(self, request: c.AuthStartReq) -> c.Msg:
@@ -431,13 +449,15 @@ class Agent:
 
     def _unlock(self, request: c.UnlockReq) -> c.Msg:
         target = self._transition(Command.UNLOCK)
-        nonce, self._nonce = self._nonce, None
+        nonce = self._take_nonce()
         try:
             ticket = c.unpack(request.ticket, c.UnlockTicket)
         except c.CodecError as exc:
             raise RequestError(c.ErrorCode.BAD_REQUEST, f"unlock ticket: {exc}") from None
-        ops_key = self._config().trust.ops_public_key
-        problem = _ticket_problem(ticket, self.identity.serial, nonce, self._now_s())
+        config = self._config()
+        ops_key = config.trust.ops_public_key
+        problem = _ticket_problem(ticket, (self.identity.serial, config.device_id), nonce,
+                                  self._now_s())
         if problem or ops_key is None:
             raise RequestError(c.ErrorCode.BAD_AUTH,
                                f"unlock ticket: {problem or 'no ops key installed'}")
@@ -461,18 +481,23 @@ class Agent:
                 link.send(reply)
 
 
-def _ticket_problem(ticket: c.UnlockTicket, serial: str, nonce: bytes | None,
+def _ticket_problem(ticket: c.UnlockTicket, device: tuple[str, str], nonce: bytes | None,
                     now_s: float) -> str:
-    from provisioning.pki import TICKET_PURPOSE
+    from provisioning.pki import MAX_TICKET_LIFETIME_S, TICKET_PURPOSE
 
+    serial, device_id = device
     if ticket.purpose != TICKET_PURPOSE:
         return f"purpose {ticket.purpose!r} is not {TICKET_PURPOSE!r}"
     if ticket.serial != serial:
         return f"for serial {ticket.serial!r}, this device is {serial!r}"
+    if ticket.device_id is not None and ticket.device_id != device_id:
+        return f"for device {ticket.device_id!r}, this device is {device_id!r}"
     if nonce is None or ticket.nonce != nonce:
-        return "nonce is not the one this device issued (ask for a new challenge)"
+        return "nonce is not the one this device issued, or was used (ask for a new challenge)"
     if ticket.expires_unix < now_s:
         return "expired"
+    if ticket.expires_unix > now_s + MAX_TICKET_LIFETIME_S:
+        return f"valid for more than {MAX_TICKET_LIFETIME_S // 3600} h"
     return ""
 
 

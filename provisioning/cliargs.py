@@ -11,6 +11,8 @@ ALL_SELFTESTS = ("line", "mqtt", "clock", "disk")
 
 
 def add_provision_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", nargs="?", choices=["unlock"], default=None,
+                   help="unlock: field unlock of a locked device (--challenge-out, --ticket)")
     p.add_argument("--port", required=True, help="serial port or pyserial URL")
     p.add_argument("--baud", type=int, default=DEFAULT_BAUD)
     p.add_argument("--plan", type=Path, default=None, help="TOML plan (non-interactive)")
@@ -21,14 +23,19 @@ def add_provision_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ca-key", type=Path, default=None, help="local CA key (bench)")
     p.add_argument("--csr-out", type=Path, default=None, help="write the CSR here and stop")
     p.add_argument("--certificate", type=Path, default=None, help="signed certificate")
-    p.add_argument("--chain", type=Path, default=None, help="CA chain (default --ca-cert)")
+    p.add_argument("--chain", "--ca-chain", dest="chain", type=Path, default=None,
+                   help="CA chain to install (default --ca-cert)")
     p.add_argument("--broker", default=None, help="broker HOST[:PORT]")
     p.add_argument("--ops-public-key", default=None, help="base64 Ed25519 ops key")
     p.add_argument("--selftests", default=None, help=f"comma list of {','.join(ALL_SELFTESTS)}")
     p.add_argument("--lock", action="store_true", help="lock after passing self-tests")
     p.add_argument("--yes", action="store_true", help="ask nothing (bulk work)")
     p.add_argument("--unlock-key", type=Path, default=None,
-                   help="unlock a locked device with a ticket signed by this ops key (bench)")
+                   help="unlock: sign the ticket here with this ops key (bench)")
+    p.add_argument("--challenge-out", type=Path, default=None,
+                   help="unlock: write the device's challenge here for ops to sign")
+    p.add_argument("--ticket", type=Path, default=None,
+                   help="unlock: the ticket ops signed (python -m provisioning.tool sign-ticket)")
 
 
 def add_agent_arguments(p: argparse.ArgumentParser, default_config: Path) -> None:

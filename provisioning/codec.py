@@ -349,6 +349,8 @@ class SelfTestRep(Msg):
 class ChallengeRep(Msg):
     serial: str
     nonce: bytes
+    device_id: str | None = None
+    state: str = ""
 
 
 class UnlockReq(Msg):
@@ -361,6 +363,7 @@ class UnlockTicket(Msg):
     serial: str
     nonce: bytes
     expires_unix: int
+    device_id: str | None = None  # when set, must be the device's configured id
 
 
 class ErrorRep(Msg):

@@ -21,9 +21,13 @@ from provisioning.tool import (
     Plan,
     ProvisionError,
     Reporter,
+    apply_ticket,
+    fetch_challenge,
     load_plan,
     provision,
+    read_ticket,
     unlock,
+    write_doc,
 )
 from provisioning.transport import open_port
 
@@ -104,9 +108,18 @@ def _install_flags(current: InstallPlan | None, args: argparse.Namespace) -> Ins
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
+    if args.action == "unlock" or args.unlock_key:
+        return _cmd_unlock(args)
+    if args.challenge_out or args.ticket:
+        raise ProvisionError("--challenge-out and --ticket belong to `provision unlock`")
     plan = plan_from_args(args)
     console = Console(stderr=True)
     interactive = sys.stdin.isatty() and not args.yes
+    fresh = not args.plan and plan.settings_file is None and plan.pki.certificate is None
+    if interactive and fresh:
+        from provisioning.guided import ask_plan
+
+        ask_plan(plan, console)
     if plan.secret_bytes() is None and interactive:
         plan.secret = getpass.getpass("label secret: ")
     if plan.lock and interactive and console.input("lock the device after the self-tests? "
@@ -114,15 +127,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
         plan.lock = False
     port = open_port(args.port, args.baud)
     try:
-        client = Client(port, name=args.port)
-        if args.unlock_key:
-            secret = plan.secret_bytes()
-            if secret is None:
-                raise ProvisionError("unlock: no label secret")
-            state = unlock(client, secret, args.unlock_key, time.time())
-            print(f"{args.port}: unlocked, state {state}")  # noqa: T201 - CLI output
-            return 0
-        outcome = provision(client, plan, RichReporter(console))
+        outcome = provision(Client(port, name=args.port), plan, RichReporter(console))
     finally:
         port.close()
     if outcome.csr_path is not None:
@@ -130,6 +135,47 @@ def cmd_provision(args: argparse.Namespace) -> int:
     else:
         print(f"{outcome.serial}: state {outcome.state}")  # noqa: T201 - CLI output
     return 0
+
+
+def _cmd_unlock(args: argparse.Namespace) -> int:
+    """`provision unlock`: write the challenge, or present the ops ticket (or sign on the
+    bench with --unlock-key)."""
+    modes = [m for m in (args.challenge_out, args.ticket, args.unlock_key) if m is not None]
+    if len(modes) != 1:
+        raise ProvisionError("provision unlock: give exactly one of --challenge-out, --ticket, "
+                             "--unlock-key")
+    plan = load_plan(args.plan) if args.plan else Plan()
+    if args.secret_file:
+        plan.secret_file, plan.secret = str(args.secret_file.resolve()), None
+    port = open_port(args.port, args.baud)
+    try:
+        client = Client(port, name=args.port)
+        if args.challenge_out:
+            challenge = fetch_challenge(client)
+            write_doc(args.challenge_out, challenge)
+            print(f"{args.challenge_out}: challenge of serial {challenge['serial']} (device "  # noqa: T201 - CLI output
+                  f"{challenge['device_id'] or '-'}, state {challenge['state']}); have ops "
+                  "sign it")
+            return 0
+        secret = _unlock_secret(plan, args)
+        if args.ticket:
+            ticket = read_ticket(args.ticket)
+            state = apply_ticket(client, secret, ticket, str(args.ticket))
+        else:
+            state = unlock(client, secret, args.unlock_key, time.time())
+    finally:
+        port.close()
+    print(f"{args.port}: unlocked, state {state}")  # noqa: T201 - CLI output
+    return 0
+
+
+def _unlock_secret(plan: Plan, args: argparse.Namespace) -> bytes:
+    secret = plan.secret_bytes()
+    if secret is None and sys.stdin.isatty() and not args.yes:
+        secret = getpass.getpass("label secret: ").encode()
+    if secret is None:
+        raise ProvisionError("unlock: no label secret (--secret-file or the plan's secret)")
+    return secret
 
 
 def cmd_provision_agent(args: argparse.Namespace) -> int:
@@ -152,3 +198,22 @@ def cmd_provision_agent(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     return run_agent(args.port, paths, identity, args.baud, stop)
+
+
+def cmd_factory_reset(args: argparse.Namespace) -> int:
+    import os
+
+    from firmware.config import load_config
+    from provisioning.reset import factory_reset
+
+    if os.geteuid() != 0:
+        raise ProvisionError("factory-reset: must run as root, at the box")
+    config = load_config(args.config)
+    if args.force_destroy_unsynced:
+        Console(stderr=True).print("[bold red]WARNING: recordings the central store has not "
+                                   "confirmed will be destroyed for good[/]")
+    report = factory_reset(config, args.config,
+                           force_destroy_unsynced=args.force_destroy_unsynced)
+    print(f"factory reset: removed {len(report.removed)} path(s); "  # noqa: T201 - CLI output
+          f"{len(report.unsynced_destroyed)} unsynced recording(s) destroyed")
+    return 0

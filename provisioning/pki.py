@@ -30,6 +30,8 @@ KEY_DIR_MODE = 0o700
 LEAF_VALIDITY = dt.timedelta(days=730)  # as sync/pki.py
 CLOCK_SKEW = dt.timedelta(hours=1)
 TICKET_PURPOSE = "edge-recorder unlock"
+# A ticket is for one visit: the device refuses one valid for longer than a week.
+MAX_TICKET_LIFETIME_S = 7 * 24 * 3600
 
 
 class PkiError(Exception):

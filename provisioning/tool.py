@@ -8,13 +8,18 @@ run again. A plan (TOML file or flags) holds everything for non-interactive bulk
 
 from __future__ import annotations
 
+import argparse
+import base64
+import json
 import logging
 import os
+import sys
+import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
@@ -30,7 +35,7 @@ REQUEST_TIMEOUT_S = 2.0
 RETRIES = 5
 # Extra wait for commands that work before answering (key generation on a Pi Zero ~1 s).
 EXTRA_WAIT_S = {c.MsgType.GENERATE_KEY: 5.0, c.MsgType.AUTH_START: 2.0}
-TICKET_LIFETIME_S = 600
+TICKET_LIFETIME_S = 600  # bench unlock: signed and used at once
 
 M = TypeVar("M", bound=c.Msg)
 
@@ -378,20 +383,132 @@ _STEPS = (("configure", _configure), ("keys", _keys), ("install", _install),
           ("selftest", _selftest), ("lock", _lock))
 
 
-def unlock(client: Client, secret: bytes, ops_key: Path, now_s: float) -> str:
-    """Unlock with a ticket signed here by the ops key (bench; ops signs it in the field)."""
+# --- field unlock -----------------------------------------------------------------------
+CHALLENGE_KIND = "edge-recorder unlock challenge"
+TICKET_KIND = "edge-recorder unlock ticket"
+FIELD_TICKET_LIFETIME_S = 8 * 3600  # one working day on site
+
+
+def fetch_challenge(client: Client) -> dict[str, object]:
+    """The device's unlock challenge as a document for ops (JSON-ready)."""
+    hello = client.hello()
+    rep = client.request(c.MsgType.UNLOCK_CHALLENGE, c.Empty(), c.ChallengeRep)
+    if rep.serial != hello.serial:
+        raise ProvisionError(f"{client.name}: challenge for serial {rep.serial!r}, "
+                             f"device said {hello.serial!r}")
+    return {"kind": CHALLENGE_KIND, "serial": rep.serial, "device_id": rep.device_id,
+            "state": rep.state, "nonce": rep.nonce.hex(), "firmware": hello.firmware}
+
+
+def _field(doc: Mapping[str, object], key: str, kind: type, where: str) -> Any:
+    value = doc.get(key)
+    if not isinstance(value, kind):
+        raise ProvisionError(f"{where}: {key}: missing or not a {kind.__name__}")
+    return value
+
+
+def _read_doc(path: Path, kind: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ProvisionError(f"{path}: cannot read: {exc.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProvisionError(f"{path}: not JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("kind") != kind:
+        raise ProvisionError(f"{path}: kind: not an {kind}")
+    return doc
+
+
+def make_ticket(challenge: Mapping[str, object], ops_key: Path, now_s: float,
+                lifetime_s: float = FIELD_TICKET_LIFETIME_S, where: str = "challenge",
+                ) -> dict[str, object]:
+    """Ops side: sign a ticket for exactly this challenge (device, nonce), expiring."""
     from provisioning.pki import TICKET_PURPOSE, PkiError, sign_ticket
 
-    hello = client.hello()
-    client.authenticate(secret, hello.serial)
-    challenge = client.request(c.MsgType.UNLOCK_CHALLENGE, c.Empty(), c.ChallengeRep)
-    ticket = c.pack(c.UnlockTicket(purpose=TICKET_PURPOSE, serial=challenge.serial,
-                                   nonce=challenge.nonce,
-                                   expires_unix=int(now_s) + TICKET_LIFETIME_S))
     try:
-        signature = sign_ticket(ticket, ops_key)
+        nonce = bytes.fromhex(_field(challenge, "nonce", str, where))
+    except ValueError:
+        raise ProvisionError(f"{where}: nonce: not hex") from None
+    device_id = challenge.get("device_id")
+    ticket = c.UnlockTicket(purpose=TICKET_PURPOSE, serial=_field(challenge, "serial", str, where),
+                            nonce=nonce, expires_unix=int(now_s + lifetime_s),
+                            device_id=device_id if isinstance(device_id, str) else None)
+    packed = c.pack(ticket)
+    try:
+        signature = sign_ticket(packed, ops_key)
     except PkiError as exc:
         raise ProvisionError(str(exc)) from None
-    rep = client.request(c.MsgType.UNLOCK, c.UnlockReq(ticket=ticket, signature=signature),
+    return {"kind": TICKET_KIND, "serial": ticket.serial, "device_id": ticket.device_id,
+            "expires_unix": ticket.expires_unix, "ticket": base64.b64encode(packed).decode(),
+            "signature": base64.b64encode(signature).decode()}
+
+
+def apply_ticket(client: Client, secret: bytes, ticket: Mapping[str, object],
+                 where: str = "ticket") -> str:
+    """Engineer side: authenticate and present the ops ticket; the device's new state."""
+    try:
+        packed = base64.b64decode(_field(ticket, "ticket", str, where), validate=True)
+        signature = base64.b64decode(_field(ticket, "signature", str, where), validate=True)
+    except ValueError:
+        raise ProvisionError(f"{where}: ticket/signature: not base64") from None
+    hello = client.hello()
+    client.authenticate(secret, hello.serial)
+    rep = client.request(c.MsgType.UNLOCK, c.UnlockReq(ticket=packed, signature=signature),
                          c.StateRep)
     return rep.state
+
+
+def unlock(client: Client, secret: bytes, ops_key: Path, now_s: float) -> str:
+    """Unlock with a ticket signed here by the ops key (bench; ops signs it in the field)."""
+    challenge = fetch_challenge(client)
+    return apply_ticket(client, secret, make_ticket(challenge, ops_key, now_s,
+                                                    TICKET_LIFETIME_S))
+
+
+def read_ticket(path: Path) -> dict[str, Any]:
+    return _read_doc(path, TICKET_KIND)
+
+
+def write_doc(path: Path, doc: Mapping[str, object]) -> None:
+    try:
+        path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise ProvisionError(f"{path}: cannot write: {exc.strerror}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m provisioning.tool",
+                                     description="ops side of field unlock")
+    commands = parser.add_subparsers(dest="command", required=True)
+    sign = commands.add_parser("sign-ticket", help="sign an unlock ticket for a challenge")
+    sign.add_argument("--key", type=Path, required=True, help="ops Ed25519 key (PEM)")
+    sign.add_argument("--challenge", type=Path, required=True, help="the device's challenge")
+    sign.add_argument("-o", "--output", type=Path, required=True, help="ticket file to write")
+    sign.add_argument("--lifetime-s", type=float, default=FIELD_TICKET_LIFETIME_S,
+                      help="seconds the ticket stays valid")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m provisioning.tool sign-ticket`: exit 0, 1 on failure, 2 on usage."""
+    from provisioning.pki import MAX_TICKET_LIFETIME_S
+
+    args = _parser().parse_args(argv)
+    if not 0 < args.lifetime_s <= MAX_TICKET_LIFETIME_S:
+        print(f"--lifetime-s: must be in (0, {MAX_TICKET_LIFETIME_S}]", file=sys.stderr)  # noqa: T201 - CLI output
+        return 2
+    try:
+        challenge = _read_doc(args.challenge, CHALLENGE_KIND)
+        ticket = make_ticket(challenge, args.key, time.time(), args.lifetime_s,
+                             str(args.challenge))
+        write_doc(args.output, ticket)
+    except ProvisionError as exc:
+        print(f"error: {exc}", file=sys.stderr)  # noqa: T201 - CLI output
+        return 1
+    print(f"{args.output}: ticket for serial {ticket['serial']} (device "  # noqa: T201 - CLI output
+          f"{ticket['device_id'] or '-'}), valid until {ticket['expires_unix']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -132,3 +132,32 @@ class Link:
                 log.debug("%s: dropped a frame: %s", self.name, item)
             else:
                 self._pending.append(item)
+
+
+class PacedPort:
+    """Writes no faster than a serial line of ``baud`` (8N1: 10 bits a byte), for a port
+    that does not pace itself (a pty ignores its termios speed)."""
+
+    BITS_PER_BYTE = 10  # start + 8 data + stop
+
+    def __init__(self, inner: Port, baud: int) -> None:
+        self.inner = inner
+        self.bytes_per_s = baud / self.BITS_PER_BYTE
+        self._free_at = time.monotonic()
+
+    @property
+    def in_waiting(self) -> int:
+        return int(getattr(self.inner, "in_waiting", 0) or 0)
+
+    def read(self, size: int = 1) -> bytes:
+        return self.inner.read(size)
+
+    def write(self, data: bytes) -> int | None:
+        start = max(time.monotonic(), self._free_at)
+        self._free_at = start + len(data) / self.bytes_per_s
+        written = self.inner.write(data)
+        time.sleep(max(0.0, self._free_at - time.monotonic()))
+        return written
+
+    def close(self) -> None:
+        self.inner.close()

@@ -17,7 +17,7 @@ from provisioning.agent import Agent, AgentPaths, DeviceIdentity
 from provisioning.selftest import SELFTESTS
 from provisioning.tool import InstallPlan, PkiPlan, Plan
 from provisioning.transport import FdPort, Link, open_port
-from sync.pki import make_pki
+from sync.pki import Pki, make_pki
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = b"K7QX-2MFD-9PLT"
@@ -132,10 +132,14 @@ speed = 0.0
 
 
 @pytest.fixture(scope="session")
-def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("pki") / "pki"
-    make_pki(directory, ["er-test-0001"])
-    return directory
+def test_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """The test CA (sync/pki.py): signs device CSRs and the broker's certificate."""
+    return make_pki(tmp_path_factory.mktemp("pki") / "pki", ["er-test-0001"])
+
+
+@pytest.fixture(scope="session")
+def pki_dir(test_pki: Pki) -> Path:
+    return test_pki.directory
 
 
 @pytest.fixture

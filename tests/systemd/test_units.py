@@ -101,3 +101,4 @@ def test_provisioning_agent_keeps_the_console_getty_off_its_port() -> None:
     conflicts = re.search(r"^Conflicts=(.*)$", text, re.MULTILINE)
     assert conflicts and "serial-getty@ttyS0.service" in conflicts.group(1)
     assert "serial-getty@ttyAMA0.service" in conflicts.group(1)
+    assert "serial-getty@ttyGS0.service" in conflicts.group(1)

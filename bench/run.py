@@ -268,7 +268,7 @@ def child_cpu_s(argv: list[str]) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["cpu", "rss", "writes", "dsp", "sync"],
+    parser.add_argument("--only", choices=["cpu", "rss", "writes", "dsp", "sync", "provision"],
                         default=None)
     args = parser.parse_args()
     results: dict[str, object] = {
@@ -291,6 +291,14 @@ def main() -> int:
             from bench.sync_bench import bench_sync
 
             results["sync"] = bench_sync()
+        if args.only in (None, "central"):
+            from bench.central_bench import bench_central
+
+            results["central"] = bench_central()
+        if args.only in (None, "provision"):
+            from bench.provision_bench import bench_provision
+
+            results["provision"] = bench_provision(work)
     OUT.mkdir(exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -63,25 +63,123 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 def cmd_central_ingest(args: argparse.Namespace) -> int:
     from sync.central.__main__ import main as ingest_main
+    from sync.central.__main__ import main_config
 
+    if args.config is not None:
+        if args.options:
+            raise UsageError("central ingest: give --config FILE or options after --, not both")
+        return main_config(args.config)
     return ingest_main(args.options)
 
 
+def _central_config(args: argparse.Namespace) -> Any:
+    """The central config named by --config, or None."""
+    from sync.central.config import load_central_config
+
+    return load_central_config(args.config) if args.config is not None else None
+
+
+def _catalogue_url(args: argparse.Namespace) -> str:
+    config = _central_config(args)
+    if args.catalogue:
+        return str(args.catalogue)
+    if config is not None:
+        return str(config.catalogue_url)
+    if getattr(args, "dir", None) is not None:
+        return f"sqlite://{args.dir / 'catalogue.db'}"
+    raise UsageError(f"{args.command}: give --catalogue URL or --config FILE")
+
+
 def cmd_fleet(args: argparse.Namespace) -> int:
+    import threading
+
     from rich.console import Console
 
     from sync.central.catalogue import open_catalogue
-    from sync.central.fleet import render_json, render_table, snapshot
+    from sync.central.config import Fleet
+    from sync.central.fleet import render_json, render_table, snapshot, watch
 
-    catalogue = open_catalogue(args.catalogue)
+    config = _central_config(args)
+    limits = config.fleet if config is not None else Fleet()
+    catalogue = open_catalogue(_catalogue_url(args))
     try:
-        table = snapshot(catalogue)
+        if args.watch is not None:
+            watch(lambda: snapshot(catalogue, limits=limits), args.watch,
+                  threading.Event().wait)
+            return 0
+        table = snapshot(catalogue, limits=limits)
     finally:
         catalogue.close()
     if args.json:
         print(render_json(table))
     else:
         Console().print(render_table(table))
+    return 0
+
+
+def cmd_central_search(args: argparse.Namespace) -> int:
+    from sync.central.catalogue import open_catalogue
+    from sync.central.search import row_summary, search
+
+    catalogue = open_catalogue(_catalogue_url(args))
+    try:
+        found = search(catalogue, number=args.number, device_id=args.device,
+                       start=args.start, end=args.end)
+    finally:
+        catalogue.close()
+    hits = [row_summary(row) for row in found]
+    for hit in hits:
+        print(json.dumps(hit, sort_keys=True) if args.json else
+              f"{hit['started_at'] or '-':24} {hit['recording_id']} {hit['device_id']} "
+              f"{hit['line_id'] or '-'} {hit['direction'] or '-'} {hit['audio_s'] or 0:.0f} s")
+    if not args.json:
+        print(f"{len(hits)} recording(s)")
+    return 0
+
+
+def cmd_central_export(args: argparse.Namespace) -> int:
+    from firmware.agecrypt import load_identities
+    from firmware.catalogue import iso_utc_ms
+    from firmware.keys import load_or_create_signing_key
+    from sync.central.catalogue import open_catalogue
+    from sync.central.export import ExportRequest, export_recordings
+
+    config = _central_config(args)
+    objects = args.dir or (Path(config.store.objects_dir) if config else None)
+    if objects is None:
+        raise UsageError("central export: give --dir OBJECTS or --config FILE")
+    devices = args.devices or (Path(config.store.devices_dir) if config else objects / "devices")
+    signing = args.signing_key or (Path(config.store.signing_key) if config else None)
+    if signing is None or not signing.is_file():
+        raise UsageError(f"central export: --signing-key: {signing}: no such file "
+                         "(central's Ed25519 key signs the bundle)")
+    request = ExportRequest(load_identities(args.identity), load_or_create_signing_key(signing),
+                            args.who, args.reason)
+    catalogue = open_catalogue(_catalogue_url(args))
+    try:
+        import time
+
+        done = export_recordings(catalogue, objects, devices, args.ids, args.out, request,
+                                 iso_utc_ms(time.time()))
+    finally:
+        catalogue.close()
+    for folder in done:
+        print(f"{folder}: bundle written")
+    return 0
+
+
+def cmd_central_verify(args: argparse.Namespace) -> int:
+    from firmware.keys import load_public_key
+    from sync.central.export import verify_bundle
+
+    problems = verify_bundle(args.bundle, load_public_key(args.device_key),
+                             load_public_key(args.central_key))
+    for problem in problems:
+        print(f"{args.bundle}: FAIL: {problem}")
+    if problems:
+        return EXIT_FAILED
+    print(f"{args.bundle}: ok (device signature, object hash, audit chain to the anchored "
+          "head, countersignature, MANIFEST.sha256)")
     return 0
 
 
@@ -93,6 +191,12 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 def cmd_provision_agent(args: argparse.Namespace) -> int:
     from provisioning.commands import cmd_provision_agent as run
+
+    return run(args)
+
+
+def cmd_factory_reset(args: argparse.Namespace) -> int:
+    from provisioning.commands import cmd_factory_reset as run
 
     return run(args)
 
@@ -419,12 +523,14 @@ def build_parser() -> _Parser:
     central = add("central", lambda a: 0, "the central compliance store")
     central_sub = central.add_subparsers(dest="central_command", required=True,
                                          parser_class=_Parser)
-    p = add("ingest", cmd_central_ingest, "run one ingest worker (options: python -m "
-            "sync.central --help)", central_sub)
-    p.add_argument("options", nargs="*", help="after --: the worker's options")
+    _add_central_commands(add, central_sub)
     p = add("fleet", cmd_fleet, "the devices' state from the central catalogue")
-    p.add_argument("--catalogue", required=True, help="sqlite:///PATH or postgresql://...")
+    p.add_argument("--catalogue", help="sqlite:///PATH or postgresql://...")
+    p.add_argument("--config", type=_existing_file, default=None,
+                   help="central config file: catalogue and alert thresholds")
     p.add_argument("--json", action="store_true", help="JSON for scripts")
+    p.add_argument("--watch", type=_positive, nargs="?", const=5.0, default=None,
+                   metavar="SECONDS", help="refresh a live table every SECONDS (default 5)")
 
     _add_provision_commands(add)
 
@@ -489,6 +595,66 @@ def build_parser() -> _Parser:
     return parser
 
 
+def _add_central_commands(add: Callable[..., _Parser], central_sub: Any) -> None:
+    def catalogue_options(p: _Parser) -> None:
+        p.add_argument("--config", type=_existing_file, default=None,
+                       help="central config file (catalogue, objects, keys)")
+        p.add_argument("--catalogue", help="sqlite:///PATH or postgresql://...")
+
+    p = add("ingest", cmd_central_ingest, "run one ingest worker (options after --: python "
+            "-m sync.central --help)", central_sub)
+    p.add_argument("--config", type=_existing_file, default=None, help="central config file")
+    p.add_argument("options", nargs="*", help="after --: the worker's options")
+
+    p = add("search", cmd_central_search, "find recordings by number, time and device",
+            central_sub)
+    catalogue_options(p)
+    p.add_argument("--dir", type=Path, default=None, help="object folder (its catalogue.db)")
+    p.add_argument("--number", default=None, help="a phone number (committed: exact match)")
+    p.add_argument("--from", dest="start", type=_iso_utc, default=None,
+                   help="started at or after (ISO 8601; UTC if no offset)")
+    p.add_argument("--to", dest="end", type=_iso_utc, default=None, help="started before")
+    p.add_argument("--device", default=None, help="device id")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = add("export", cmd_central_export, "export recordings as verifiable bundles "
+            "(dispute, subject access); the export is audited", central_sub)
+    p.add_argument("ids", nargs="+", metavar="ID", help="recording id")
+    catalogue_options(p)
+    p.add_argument("--identity", type=_existing_file, required=True, help="age identity file")
+    p.add_argument("--out", type=Path, required=True, help="bundles go to OUT/<id>/")
+    p.add_argument("--reason", required=True, help="why (recorded in the catalogue)")
+    p.add_argument("--who", required=True, help="who asks (recorded in the catalogue)")
+    p.add_argument("--dir", type=Path, default=None, help="the central object folder")
+    p.add_argument("--devices", type=Path, default=None,
+                   help="device public keys (default DIR/devices)")
+    p.add_argument("--signing-key", type=Path, default=None,
+                   help="central's Ed25519 key (signs the bundle's MANIFEST.sha256)")
+
+    p = add("verify", cmd_central_verify, "check an export bundle with public keys only",
+            central_sub)
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--device-key", type=_existing_file, required=True,
+                   help="the device's Ed25519 public key (PEM)")
+    p.add_argument("--central-key", type=_existing_file, required=True,
+                   help="central's Ed25519 public key (PEM)")
+
+
+def _iso_utc(value: str) -> str:
+    """An ISO 8601 time as the catalogue stores it (UTC, milliseconds, Z)."""
+    from datetime import UTC, datetime
+
+    from firmware.catalogue import iso_utc_ms
+
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an ISO 8601 time") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return iso_utc_ms(when.timestamp())
+
+
 def _add_provision_commands(add: Callable[..., _Parser]) -> None:
     from provisioning.cliargs import add_agent_arguments, add_provision_arguments
 
@@ -498,6 +664,12 @@ def _add_provision_commands(add: Callable[..., _Parser]) -> None:
     p = add("provision-agent", cmd_provision_agent,
             "answer provisioning requests on a serial port (runs on the appliance)")
     add_agent_arguments(p, DEFAULT_PATH)
+    p = add("factory-reset", cmd_factory_reset,
+            "wipe keys, recordings and config (root, at the box); refuses while unsynced")
+    p.add_argument("--config", type=Path, default=DEFAULT_PATH,
+                   help=f"config file (default {DEFAULT_PATH})")
+    p.add_argument("--force-destroy-unsynced", action="store_true",
+                   help="also destroy recordings the central store never confirmed")
 
 
 def _add_policy_commands(add: Callable[..., _Parser]) -> None:

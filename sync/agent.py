@@ -16,6 +16,7 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import queue
@@ -635,7 +636,34 @@ def _manifest(device_id: str, row: dict[str, Any], call: dict[str, Any]) -> dict
             "direction": call.get("direction"), "started_at": call.get("started_at"),
             "created_at": row["created_at"], "audio_s": row["audio_s"],
             "decision": call.get("decision"), "retention_until": row["retention_until"],
-            "codec": row["codec"], "size": int(row["size"]), "sha256": row["sha256"]}
+            "codec": row["codec"], "size": int(row["size"]), "sha256": row["sha256"],
+            "numbers": _manifest_numbers(call)}
+
+
+def _manifest_numbers(call: dict[str, Any]) -> dict[str, Any]:
+    """The call's numbers for central's search, as the policy's ``audit_numbers`` says.
+
+    "clear": the numbers themselves. "commitment" (the default): the audit trail's HMAC
+    commitments and the call's salt, so central can test a number it is asked about
+    (docs/CENTRAL.md, "Search"); erasing central's row erases the salt with it.
+    """
+    from firmware.recorder import commitment
+
+    caller, dialed, salt = call.get("caller_number"), call.get("dialed_number"), call.get("salt")
+    if _audit_numbers(call.get("decision")) == "clear":
+        return {"audit_numbers": "clear", "caller": caller or None, "dialed": dialed or None}
+    if not salt:
+        return {"audit_numbers": "commitment", "salt": None, "caller": None, "dialed": None}
+    return {"audit_numbers": "commitment", "salt": salt, "caller": commitment(salt, caller),
+            "dialed": commitment(salt, dialed)}
+
+
+def _audit_numbers(decision: Any) -> str:
+    try:
+        value = json.loads(decision)["audit_numbers"] if decision else "commitment"
+    except (ValueError, TypeError, KeyError):
+        return "commitment"
+    return "clear" if value == "clear" else "commitment"
 
 
 def _local_problem(row: dict[str, Any] | None) -> str | None:

@@ -19,6 +19,9 @@ from typing import NoReturn
 from firmware.keys import KeyFileError, load_or_create_signing_key
 from sync.central.catalogue import CatalogueError, open_catalogue
 from sync.central.ingest import CLIENT_ID, CentralClient, CentralStore
+from sync.central.retention import apply_retention
+
+log = logging.getLogger(__name__)
 
 
 # --- command line -------------------------------------------------------------------
@@ -80,14 +83,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     client = CentralClient(store, args.host, args.port, args.ca, args.cert, args.key,
                            client_id=args.worker_id, share_group=args.share_group)
+    return serve(client, None)
+
+
+def main_config(path: Path) -> int:
+    """`edge-recorder central ingest --config FILE`: one worker from the TOML file.
+
+    Errors in the file or its paths raise ConfigError/KeyFileError/CatalogueError (one
+    line each, exit 1, from the CLI).
+    """
+    from sync.central.config import check_files, load_central_config
+
+    config = load_central_config(path)
+    check_files(config)
+    assert config.broker is not None
+    store = CentralStore(Path(config.store.objects_dir), Path(config.store.devices_dir),
+                         load_or_create_signing_key(Path(config.store.signing_key)),
+                         catalogue=open_catalogue(config.catalogue_url),
+                         worker_id=config.worker.id)
+    broker = config.broker
+    client = CentralClient(store, broker.host, broker.port, Path(broker.ca),
+                           Path(broker.cert), Path(broker.key), client_id=config.worker.id,
+                           share_group=config.worker.share_group)
+    return serve(client, config.worker.retention_interval_s)
+
+
+def serve(client: CentralClient, retention_interval_s: float | None) -> int:
+    """Run ``client`` until SIGTERM/SIGINT, applying retention every interval."""
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda _n, _f: stop.set())
     client.start()
+    if retention_interval_s is not None:
+        threading.Thread(target=retention_loop, args=(client.store, retention_interval_s, stop),
+                         name="retention", daemon=True).start()
     stop.wait()
     client.stop()
-    store.close()
+    client.store.close()
     return 0
+
+
+def retention_loop(store: CentralStore, interval_s: float, stop: threading.Event) -> None:
+    """apply_retention now and every ``interval_s`` until ``stop`` (several workers may
+    run it: erasing is idempotent)."""
+    while True:
+        try:
+            erased = apply_retention(store)
+            if erased:
+                log.info("retention: %d recording(s) erased", len(erased))
+        except Exception:
+            log.exception("retention run failed; next in %.0f s", interval_s)
+        if stop.wait(interval_s):
+            return
 
 
 if __name__ == "__main__":

@@ -443,6 +443,9 @@ def _recording(row: Sequence[Any]) -> StoredRecording:
 def _numbers(manifest: dict[str, Any]) -> list[str]:
     """Phone numbers in a manifest, for search (the device may add them; see CENTRAL.md)."""
     found = [manifest.get(k) for k in ("remote_number", "local_number", "number")]
+    numbers = manifest.get("numbers")
+    if isinstance(numbers, dict) and numbers.get("audit_numbers") == "clear":
+        found += [numbers.get("caller"), numbers.get("dialed")]
     decision = manifest.get("decision")
     if isinstance(decision, dict):
         found.append(decision.get("number"))

@@ -48,6 +48,7 @@ from sync.central.objects import ObjectStore
 log = logging.getLogger(__name__)
 
 CLIENT_ID = "central"  # the certificate CN the ACL grants er/v1/+/up/# (sync/mosquitto/acl)
+BATCH_MAX = 32  # messages handled together: their chunks share one fdatasync
 SESSION_EXPIRY_S = 24 * 3600  # the broker keeps our subscription and queue this long
 KEEPALIVE_S = 30
 STATUS_FLUSH_S = 1.0  # fleet status is written in batches at most this old
@@ -88,6 +89,8 @@ class CentralStore:
         self._statuses: dict[str, StatusRow] = {}
         self._status_lock = threading.Lock()
         self._dirty: set[str] = set()
+        self._group = False  # inside handle_batch: chunk records wait for one commit
+        self._grouped: tuple[str, str] | None = None  # the chunk just written, unsynced
 
     def close(self) -> None:
         self.flush_statuses()
@@ -100,6 +103,45 @@ class CentralStore:
         return iso_utc_ms(self.clock())
 
     # --- dispatch ----------------------------------------------------------------------
+    def handle_batch(self, messages: list[tuple[str, bytes]]) -> list[Answers]:
+        """The answers to several messages in order, with one fdatasync for a run of
+        chunks (group commit): a chunk's ack is built after its record is durable, so it
+        never claims more than a crash would leave. Anything but a chunk commits first."""
+        answers: list[Answers] = []
+        deferred: list[tuple[int, str, str]] = []  # (index, device, recording) to ack
+        for topic, payload in messages:
+            named = _recording_topic(topic)
+            if named is None or named[2] != "chunk":
+                self._commit(deferred, answers)
+                answers.append(self.handle(topic, payload))
+                continue
+            self._group = True
+            try:
+                answers.append(self.handle(topic, payload))
+            finally:
+                self._group = False
+            if self._grouped is not None:
+                deferred.append((len(answers) - 1, *self._grouped))
+                self._grouped = None
+        self._commit(deferred, answers)
+        return answers
+
+    def _commit(self, deferred: list[tuple[int, str, str]], answers: list[Answers]) -> None:
+        if not deferred:
+            return
+        try:
+            self.objects.commit()
+        except OSError as exc:
+            log.error("chunk records not synced: %s", exc)
+            for index, device, rid in deferred:
+                answers[index] = self._io_error(p.rec_topic(device, "up", rid, "chunk"))
+            deferred.clear()
+            return
+        for index, device, rid in deferred:
+            ack = p.Ack(rid, p.PARTIAL, self._have(device, rid))
+            answers[index] = [(p.rec_topic(device, "down", rid, "ack"), ack.encode())]
+        deferred.clear()
+
     def handle(self, topic: str, payload: bytes) -> Answers:
         """The answers (topic, payload) to one message; malformed ones are logged."""
         try:
@@ -226,7 +268,10 @@ class CentralStore:
                                   f"the size {staged['size']}", "bad_chunk")
         have = self.objects.held(device, rid)
         if not p.covered(have, (chunk.offset, chunk.end)):
-            self.objects.append(device, rid, chunk.offset, chunk.data)
+            self.objects.append(device, rid, chunk.offset, chunk.data, sync=not self._group)
+            if self._group:  # acked by handle_batch once durable
+                self._grouped = (device, rid)
+                return p.Ack(rid, p.PARTIAL, have)
             have = p.add_range(have, (chunk.offset, chunk.end))
         return p.Ack(rid, p.PARTIAL, have)
 
@@ -419,17 +464,33 @@ class CentralClient:
                                   message.qos, self._connection))
 
     def _handle_loop(self) -> None:
-        while (received := self._inbox.get()) is not None:
+        """Handle what has arrived, up to BATCH_MAX messages at a time (one fdatasync for
+        their chunks); broker acknowledgements follow the answers, in arrival order."""
+        while (first := self._inbox.get()) is not None:
+            batch, stop = [first], False
+            while len(batch) < BATCH_MAX:
+                try:
+                    more = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
             try:
-                self._handle(received)
+                self._handle(batch)
             except Exception:
-                log.exception("%s: not handled", received.topic[:120])
+                log.exception("%s: not handled", first.topic[:120])
+            if stop:
+                return
 
-    def _handle(self, received: _Received) -> None:
-        for topic, payload in self.store.handle(received.topic, received.payload):
-            self.client.publish(topic, payload, qos=1)
-        if received.connection == self._connection:  # else the broker sends it again
-            self.client.ack(received.mid, received.qos)
+    def _handle(self, batch: list[_Received]) -> None:
+        results = self.store.handle_batch([(r.topic, r.payload) for r in batch])
+        for received, answers in zip(batch, results, strict=True):
+            for topic, payload in answers:
+                self.client.publish(topic, payload, qos=1)
+            if received.connection == self._connection:  # else the broker sends it again
+                self.client.ack(received.mid, received.qos)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@
     <root>/objects/<device_id>/<recording_id>.manifest.json manifest + device signature
 
 A chunk record is a 16-byte header (offset u64, length u32, CRC-32 u32, big-endian) and the
-data, appended with one write and one fdatasync: the only sync a chunk costs. Each worker
+data, appended with one write; one fdatasync makes a run of chunks durable (group commit,
+`append(sync=False)` then `commit()`), and only then are they held. Each worker
 appends to its own log, so workers sharing one folder (a shared filesystem) never write
 the same file; the ranges held are the union of every log's complete, CRC-valid records.
 
@@ -57,6 +58,8 @@ class ObjectStore:
         self._views: dict[Path, _LogView] = {}
         self._own: set[Path] = set()
         self._inits: dict[Path, tuple[_FileId, dict[str, Any]]] = {}
+        # records written but not yet fdatasync'ed (group commit): (path, start, length, range)
+        self._unsynced: list[tuple[Path, int, int, p.Range]] = []
         make_dirs(root / "staging", DIR_MODE)
         make_dirs(root / "objects", DIR_MODE)
 
@@ -97,8 +100,11 @@ class ObjectStore:
         self._inits.pop(folder / "init.json", None)
         shutil.rmtree(folder, ignore_errors=True)
 
-    def append(self, device: str, rid: str, offset: int, data: bytes) -> None:
-        """One record, durable when this returns (one fdatasync)."""
+    def append(self, device: str, rid: str, offset: int, data: bytes, *,
+               sync: bool = True) -> None:
+        """One record, durable when this returns (one fdatasync); with ``sync=False`` it
+        is durable, and counted as held, only after the next :meth:`commit` (group
+        commit: one fdatasync for every record written since)."""
         path = self.staging(device, rid) / f"{self.worker_id}{LOG_SUFFIX}"
         if path not in self._own:
             _cut_torn_tail(path)  # left by a crash of this worker: later records must count
@@ -111,10 +117,26 @@ class ObjectStore:
             if written != len(record):
                 os.ftruncate(fd, start)  # no torn record that would hide later ones
                 raise OSError(f"{path}: short write ({written} of {len(record)} bytes)")
-            os.fdatasync(fd)
+            if sync:
+                os.fdatasync(fd)
         finally:
             os.close(fd)
-        self._count_own(path, start, len(record), (offset, offset + len(data)))
+        if sync:
+            self._count_own(path, start, len(record), (offset, offset + len(data)))
+        else:
+            self._unsynced.append((path, start, len(record), (offset, offset + len(data))))
+
+    def commit(self) -> None:
+        """Make the records written with ``sync=False`` durable, then count them held."""
+        pending, self._unsynced = self._unsynced, []
+        for path in dict.fromkeys(path for path, *_ in pending):
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        for path, start, length, held in pending:
+            self._count_own(path, start, length, held)
 
     def _count_own(self, path: Path, start: int, length: int, held: p.Range) -> None:
         """A record of ours, durable now: held without reading it back, if the view has
@@ -129,6 +151,9 @@ class ObjectStore:
         ranges: list[p.Range] = []
         for path in self._logs(device, rid):
             view = self._views.setdefault(path, _LogView())
+            if any(pending == path for pending, *_ in self._unsynced):
+                ranges.extend(view.ranges)  # never read on into our own unsynced records
+                continue
             for offset, data in _records(path, view.pos):
                 view.ranges = p.add_range(view.ranges, (offset, offset + len(data)))
                 view.pos += RECORD.size + len(data)

@@ -50,3 +50,16 @@ def test_assembled_sha256_in_and_out_of_order(tmp_path: Path) -> None:
         tmp, digest = store.assemble(DEVICE, RID, len(data))
         assert tmp.read_bytes() == data
         assert digest == hashlib.sha256(data).hexdigest()
+
+
+def test_group_committed_records_are_held_only_after_the_commit(tmp_path: Path) -> None:
+    """A chunk written for a group commit is not claimed (not in `have`) until its
+    fdatasync: neither by its own worker nor by a fresh reader's view of its log."""
+    store = _begin(tmp_path)
+    store.append(DEVICE, RID, 0, b"a" * 100)
+    store.append(DEVICE, RID, 100, b"b" * 100, sync=False)
+    store.append(DEVICE, RID, 200, b"c" * 100, sync=False)
+    assert store.held(DEVICE, RID) == [(0, 100)]
+    store.commit()
+    assert store.held(DEVICE, RID) == [(0, 300)]
+    assert ObjectStore(tmp_path, "w2").held(DEVICE, RID) == [(0, 300)]

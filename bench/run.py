@@ -268,7 +268,8 @@ def child_cpu_s(argv: list[str]) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["cpu", "rss", "writes", "dsp", "sync", "provision"],
+    parser.add_argument("--only", choices=["cpu", "rss", "writes", "dsp", "sync", "central",
+                                                "provision"],
                         default=None)
     args = parser.parse_args()
     results: dict[str, object] = {

@@ -304,3 +304,22 @@ def test_erasure_request_is_confirmed(device: Device, central: Central) -> None:
                what="erasure marked")
     assert any(e.kind == "sync.erased" and e.subject == rid
                for e in device.catalogue.audit_entries())
+
+
+def test_a_file_damaged_on_the_device_is_not_sent_again_and_again(device: Device,
+                                                                   central: Central) -> None:
+    """The recording file changed after it was closed (a bad SD card): central's sha256
+    check fails at fin; the agent finds the local damage, gives up on it (audited
+    `sync.refused`, item left pending) instead of re-sending forever, and marks nothing."""
+    central.start()
+    rid, _digest = device.add_recording(1 * MB)
+    path = Path(str(device.recording(rid)["path"]))
+    data = bytearray(path.read_bytes())
+    data[1000] ^= 0xFF
+    path.write_bytes(bytes(data))
+    device.start_agent()
+    wait_until(lambda: any(e.kind == "sync.refused" and e.subject == rid
+                           for e in device.catalogue.audit_entries()), what="sync.refused")
+    assert device.outbox_state(rid) == "pending"
+    assert device.recording(rid)["synced_at"] is None
+    assert central.store.stats.chunk_bytes <= 2 * MB  # sent once, not in a loop

@@ -116,6 +116,9 @@ def cmd_provision(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     interactive = sys.stdin.isatty() and not args.yes
     fresh = not args.plan and plan.settings_file is None and plan.pki.certificate is None
+    if fresh and not interactive and not args.yes:
+        raise ProvisionError("provision: no --plan or --settings, and stdin is not a terminal "
+                             "for guided mode (or --yes to continue a configured device)")
     if interactive and fresh:
         from provisioning.guided import ask_plan
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.prompt import Confirm, Prompt
+from rich.prompt import Confirm, IntPrompt, Prompt
 
 from firmware.config import ConfigError, parse_config
-from provisioning.agent import AgentPaths, compose_config
+from provisioning.agent import AgentPaths, InstallFacts, compose_config
 from provisioning.tool import InstallPlan, PkiPlan, Plan
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,11 @@ class Answers:
         return text
 
 
-def check_settings(text: str) -> None:
-    """Raise ConfigError naming the key if the settings would not make a valid config."""
+def check_settings(text: str, install: InstallFacts | None = None) -> str:
+    """The device id; raises ConfigError naming the key if the settings (and the broker
+    answers, when given) would not make a valid config."""
     paths = AgentPaths(data_dir=CHECK_DATA_DIR, config_path=Path("settings"))
-    parse_config(compose_config(text, paths, None), "settings")
+    return parse_config(compose_config(text, paths, install), "settings").device_id
 
 
 def _ask(console: Console, answers: Answers) -> None:
@@ -97,25 +98,47 @@ def _ask_pki(plan: Plan, console: Console) -> None:
                                               default="device.csr", console=console))
 
 
-def _ask_install(plan: Plan, console: Console) -> None:
+def _ask_broker(console: Console, facts: InstallFacts) -> InstallFacts:
+    host = Prompt.ask("MQTT broker host", default=facts.broker_host or None,
+                      console=console) or ""
+    port = IntPrompt.ask("MQTT broker port", default=facts.broker_port, console=console)
+    ops = Prompt.ask("ops public key (base64 Ed25519)", default=facts.ops_public_key or None,
+                     console=console) or ""
+    return InstallFacts(broker_host=host, broker_port=port, ops_public_key=ops)
+
+
+def _ask_install(plan: Plan, settings_text: str, console: Console) -> None:
+    """The broker and ops key, checked as the device will check its config."""
     if plan.install is not None or plan.pki.csr_out:
         return
-    host = Prompt.ask("MQTT broker host", console=console)
-    port = int(Prompt.ask("MQTT broker port", default="8883", console=console))
-    ops = Prompt.ask("ops public key (base64 Ed25519)", console=console)
-    plan.install = InstallPlan(broker_host=host, broker_port=port, ops_public_key=ops)
+    facts = InstallFacts(broker_host="", broker_port=8883, ops_public_key="")
+    for _ in range(MAX_ROUNDS):
+        facts = _ask_broker(console, facts)
+        try:
+            check_settings(settings_text, facts)
+        except ConfigError as exc:
+            console.print(f"[red]rejected[/]: {exc}", highlight=False)
+            continue
+        plan.install = InstallPlan(broker_host=facts.broker_host, broker_port=facts.broker_port,
+                                   ops_public_key=facts.ops_public_key)
+        return
+    raise GuidedError(f"broker answers rejected {MAX_ROUNDS} times; giving up")
 
 
 def ask_plan(plan: Plan, console: Console, out_dir: Path = Path(".")) -> Path:
     """Fill ``plan`` from the engineer's answers; the settings file written (kept as a
     record of what was installed)."""
-    text = ask_settings(console)
-    device_id = parse_config(compose_config(text, AgentPaths(CHECK_DATA_DIR, Path("s")), None),
-                             "settings").device_id
-    path = out_dir.resolve() / f"{device_id}.settings.toml"
+    try:
+        text = ask_settings(console)
+    except EOFError:
+        raise GuidedError("input ended before every setting was answered") from None
+    path = out_dir.resolve() / f"{check_settings(text)}.settings.toml"
     path.write_text(text, encoding="utf-8")
     console.print(f"settings written to {path}", highlight=False)
     plan.settings_file = str(path)
-    _ask_pki(plan, console)
-    _ask_install(plan, console)
+    try:
+        _ask_pki(plan, console)
+        _ask_install(plan, text, console)
+    except EOFError:
+        raise GuidedError("input ended before the PKI and broker were answered") from None
     return path

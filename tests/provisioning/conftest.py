@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import queue
 import random
 import threading
+import time
 import tty
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,39 +57,73 @@ class SpyPort:
 
 
 class FaultyPort(SpyPort):
-    """Drops, flips, splits, duplicates and delays what the tool writes (seeded)."""
+    """Drops, flips, splits, duplicates and delays what the tool writes (seeded).
 
-    def __init__(self, inner, seed: int, rate: float = 0.08) -> None:
+    Bytes reach the device through one carrier thread in write order, as on a wire: a
+    delayed write holds back every write after it, and ``write`` returns at once, so a
+    delay longer than the tool's request timeout makes it retry while the first copy is
+    still on its way.
+    """
+
+    MAX_DELAY_S = 0.8  # above the flow tests' 0.5 s request timeout, so some delays cause a retry
+
+    KINDS = frozenset({"drop", "delay", "flip", "garbage", "split", "duplicate"})
+
+    def __init__(self, inner, seed: int, rate: float = 0.08,
+                 kinds: frozenset[str] = KINDS) -> None:
         super().__init__(inner)
         self.rng = random.Random(seed)
         self.rate = rate
+        self.kinds = kinds
         self.faults: list[str] = []
+        self.delays_s: list[float] = []
+        self._wire: queue.Queue[tuple[float, bytes] | None] = queue.Queue()
+        self._carrier = threading.Thread(target=self._carry, daemon=True)
+        self._carrier.start()
 
     def write(self, data: bytes) -> int:
-        roll = self.rng.random
-        if roll() < self.rate:
-            self.faults.append("drop")
+        if self._hit("drop"):
             return len(data)
-        if roll() < self.rate:
-            self.faults.append("flip")
+        delay_s = 0.0
+        if self._hit("delay"):
+            delay_s = self.rng.uniform(0.0, self.MAX_DELAY_S)
+            self.delays_s.append(delay_s)
+        if self._hit("flip"):
             buf = bytearray(data)
             buf[self.rng.randrange(len(buf))] ^= 1 << self.rng.randrange(8)
             data = bytes(buf)
-        if roll() < self.rate:
-            self.faults.append("garbage")
-            self.inner.write(bytes(self.rng.randrange(1, 256) for _ in range(7)))
-        if roll() < self.rate:
-            self.faults.append("split")
+        if self._hit("garbage"):
+            self._put(bytes(self.rng.randrange(1, 256) for _ in range(7)), delay_s)
+        if self._hit("split"):
             cut = self.rng.randrange(len(data))
-            self.inner.write(data[:cut])
-            threading.Event().wait(0.01)
-            data = data[cut:]
-        self.inner.write(data)
-        if roll() < self.rate:
-            self.faults.append("duplicate")
-            self.inner.write(data)
+            self._put(data[:cut], delay_s)
+            data, delay_s = data[cut:], delay_s + 0.01
+        self._put(data, delay_s)
+        if self._hit("duplicate"):
+            self._put(data, delay_s)
         self.sent += data
         return len(data)
+
+    def _hit(self, kind: str) -> bool:
+        """One roll for ``kind``; a disabled kind is rolled too but never hits."""
+        hit = self.rng.random() < self.rate and kind in self.kinds
+        if hit:
+            self.faults.append(kind)
+        return hit
+
+    def _put(self, data: bytes, delay_s: float) -> None:
+        self._wire.put((time.monotonic() + delay_s, data))
+
+    def _carry(self) -> None:
+        while (item := self._wire.get()) is not None:
+            due_s, data = item
+            time.sleep(max(0.0, due_s - time.monotonic()))
+            self.inner.write(data)
+
+    def close(self) -> None:
+        self._wire.put(None)
+        self._carrier.join(10.0)  # every queued write delivered
+        super().close()
 
 
 @dataclass

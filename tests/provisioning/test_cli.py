@@ -67,6 +67,14 @@ def test_bad_plan_is_one_line_and_exit_1(bench: Bench) -> None:
     assert done.stderr.strip() == f"edge-recorder: error: {plan}: selftests: unknown 'teleport'"
 
 
+def test_no_plan_without_a_terminal_is_one_line_not_a_prompt(bench: Bench) -> None:
+    done = edge_recorder("provision", "--port", bench.slave_path)  # stdin is /dev/null
+    assert done.returncode == 1
+    assert done.stderr.startswith("edge-recorder: error: provision: no --plan or --settings")
+    assert len(done.stderr.strip().splitlines()) == 1 and not done.stdout
+    assert bench.agent.state == State.UNPROVISIONED
+
+
 def test_company_pki_csr_out_then_signed_certificate(bench: Bench) -> None:
     plan = write_plan(bench, bench.tmp / "plan.toml", pki=False)
     csr = bench.tmp / "device.csr"

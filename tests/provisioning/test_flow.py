@@ -146,6 +146,17 @@ def test_flow_completes_through_a_faulty_transport(bench: Bench, seed: int) -> N
     load_config(bench.paths.config_path)
 
 
+def test_flow_completes_through_a_slow_line(bench: Bench) -> None:
+    """Only delays, some longer than the request timeout: the tool retries, the device
+    answers the late copy and the retry, and the tool matches each answer once."""
+    port = FaultyPort(bench.tool_port().inner, seed=5, rate=0.25, kinds=frozenset({"delay"}))
+    outcome, _ = run(bench, port)
+    assert outcome.state == State.LOCKED.value
+    assert port.faults and set(port.faults) == {"delay"}
+    assert max(port.delays_s) > 0.5  # longer than the client's timeout_s
+    load_config(bench.paths.config_path)
+
+
 def test_cable_pulled_at_every_step_is_restartable(bench: Bench) -> None:
     _, full = run(bench)
     total_writes = full.writes

@@ -52,6 +52,31 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     log.debug("wrote %s (%d bytes, mode %04o)", path, len(data), mode)
 
 
+def create_new(path: Path, data: bytes, mode: int = 0o600) -> bool:
+    """Create ``path`` with ``data`` only if no file is there; False if one already is.
+
+    For files several processes may try to create at once (a key on first start): the
+    data goes to a private temporary file, which is then hard-linked into place, so the
+    file appears complete or not at all, and exactly one creator wins.
+    """
+    part = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}{PART_SUFFIX}")
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(part, path)
+        except FileExistsError:
+            return False
+    finally:
+        part.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return True
+
+
 def make_dirs(path: Path, mode: int = 0o755) -> None:
     """Create ``path`` and missing parents; the ones created get exactly ``mode``.
 

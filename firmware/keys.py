@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from firmware.fsutil import atomic_write, make_dirs
+from firmware.fsutil import atomic_write, create_new, make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,12 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
 
 
 def _create_private_key(path: Path) -> Ed25519PrivateKey:
+    """A new key, unless another process created one first: then that one (every process
+    of a device or a central store must sign with the same key)."""
     make_dirs(path.parent, KEY_DIR_MODE)
     key = Ed25519PrivateKey.generate()
-    atomic_write(path, private_key_pem(key), PRIVATE_KEY_MODE)
+    if not create_new(path, private_key_pem(key), PRIVATE_KEY_MODE):
+        return _load_private_key(path)
     log.info("generated device key %s at %s", key_id(key.public_key()), path)
     return key
 
@@ -131,8 +134,10 @@ def _ensure_public_file(path: Path, public_key: Ed25519PublicKey) -> None:
         current = None
     if current == pem:
         return
-    if current is not None:
-        log.warning("%s does not match %s; rewriting it", pub_path, path)
+    if current is None and (create_new(pub_path, pem, PUBLIC_KEY_MODE)
+                            or pub_path.read_bytes() == pem):
+        return  # written here, or by a process that started at the same time
+    log.warning("%s does not match %s; rewriting it", pub_path, path)
     atomic_write(pub_path, pem, PUBLIC_KEY_MODE)
 
 

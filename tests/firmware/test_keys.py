@@ -132,3 +132,21 @@ def test_make_dirs_sets_mode_only_on_new_directories(tmp_path: Path) -> None:
     assert mode_of(tmp_path) == 0o755
     assert mode_of(tmp_path / "a") == 0o700
     assert mode_of(tmp_path / "a" / "b") == 0o700
+
+
+def test_processes_starting_together_end_up_with_one_key(tmp_path: Path) -> None:
+    """Several workers on a fresh folder: exactly one key is created, all sign with it."""
+    import multiprocessing
+
+    path = tmp_path / "keys" / "central.pem"
+    context = multiprocessing.get_context("fork")
+    with context.Pool(6) as pool:
+        ids = pool.map(_key_id_of, [path] * 12)
+    assert len(set(ids)) == 1
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".part")]
+
+
+def _key_id_of(path: Path) -> str:
+    from firmware.keys import key_id, load_or_create_signing_key
+
+    return key_id(load_or_create_signing_key(path).public_key())

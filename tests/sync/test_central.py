@@ -4,7 +4,6 @@ workers sharing one subscription on a real mosquitto."""
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import json
 import os
@@ -18,12 +17,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from firmware.keys import load_or_create_signing_key, public_key_pem
 from sync import protocol as p
-from sync.broker import Broker, free_port, local_config
+from sync.broker import Broker
 from sync.central import CentralClient, CentralStore
 from sync.central.catalogue import StoredRecording, open_catalogue
 from sync.central.retention import apply_retention
 from sync.pki import Pki, make_pki
 from tests.sync.uploadkit import DEVICE, Device, sha256_file, wait_until
+from tests.sync.uploadkit import shared_broker as start_shared_broker
 
 PG_ADMIN = os.environ.get("ER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 WORKERS = ("ingest-1", "ingest-2", "ingest-3")
@@ -103,15 +103,7 @@ def worker_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 @pytest.fixture
 def shared_broker(worker_pki: Pki, tmp_path: Path) -> Iterator[Broker]:
     """The repository's ACL plus one ``user`` block per worker (docs/CENTRAL.md)."""
-    acl = tmp_path / "acl"
-    blocks = "".join(f"user {w}\ntopic read er/v1/+/up/#\ntopic write er/v1/+/down/#\n\n"
-                     for w in WORKERS)
-    repo_acl = Path(__file__).resolve().parents[2] / "sync" / "mosquitto" / "acl"
-    acl.write_text(blocks + repo_acl.read_text())
-    config = dataclasses.replace(local_config(worker_pki, tmp_path / "broker", free_port()),
-                                 acl_file=acl)
-    broker = Broker(tmp_path / "broker", config, probe=worker_pki.central)
-    broker.start()
+    broker = start_shared_broker(worker_pki, tmp_path, WORKERS)
     try:
         yield broker
     finally:

@@ -3,6 +3,7 @@ or a process, and the minimal central store, for the upload tests and the bench.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -10,15 +11,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from drivers.clock import SystemClock
 from firmware.catalogue import Catalogue
 from firmware.config import Config, load_config
 from firmware.keys import load_or_create_signing_key, public_key_path
 from sync.agent import SyncAgent
-from sync.broker import Broker
+from sync.broker import Broker, free_port, local_config
 from sync.central import CentralClient, CentralStore
 from sync.pki import Pki
 
@@ -39,12 +41,12 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = WAIT_S,
 
 def write_config(directory: Path, pki: Pki, broker: Broker, *, chunk_kib: int = 120,
                  window: int = 8, ack_timeout_s: float = 1.0,
-                 central_public_key: str | None = None) -> Path:
-    credential = pki.clients[DEVICE]
+                 central_public_key: str | None = None, device_id: str = DEVICE) -> Path:
+    credential = pki.clients[device_id]
     central_key = "" if central_public_key is None else \
         f'central_public_key = "{central_public_key}"\n'
     text = f"""
-device_id = "{DEVICE}"
+device_id = "{device_id}"
 site = "Test site"
 jurisdiction = "DE"
 [storage]
@@ -78,13 +80,16 @@ class Device:
     """The appliance's side: its catalogue and recordings, and the sync agent."""
 
     def __init__(self, directory: Path, pki: Pki, broker: Broker, *,
-                 central_public_key: str | None = None, **options: float) -> None:
+                 central_public_key: str | None = None, device_id: str = DEVICE,
+                 **options: float) -> None:
+        self.device_id = device_id
         self.config_path = write_config(directory, pki, broker,  # type: ignore[arg-type]
-                                        central_public_key=central_public_key, **options)
+                                        central_public_key=central_public_key,
+                                        device_id=device_id, **options)
         self.config: Config = load_config(self.config_path)
         self.key = load_or_create_signing_key(self.config.device_key_path)
         self.catalogue = Catalogue(self.config.catalogue_path, clock=SystemClock(),
-                                   device_id=DEVICE)
+                                   device_id=device_id)
         self.config.recordings_dir.mkdir(parents=True, exist_ok=True)
         self._agent: SyncAgent | None = None
         self._thread: threading.Thread | None = None
@@ -94,11 +99,15 @@ class Device:
     def public_key(self) -> Path:
         return public_key_path(self.config.device_key_path)
 
-    def add_recording(self, size: int, seed: int = 0) -> tuple[str, str]:
-        """A closed recording of ``size`` encrypted-looking bytes, queued for upload."""
-        data = os.urandom(size) if seed == 0 else _pseudo_random(size, seed)
+    def add_recording(self, size: int, seed: int = 0, *, data: bytes | None = None,
+                      **call: Any) -> tuple[str, str]:
+        """A closed recording of ``size`` encrypted-looking bytes (or ``data``), queued for
+        upload; ``call`` adds columns of its call row (caller_number, salt, decision...)."""
+        if data is None:
+            data = os.urandom(size) if seed == 0 else _pseudo_random(size, seed)
+        size = len(data)
         with self.catalogue.transaction() as tx:
-            call_id = tx.insert_call(line_id="line1", direction="inbound")
+            call_id = tx.insert_call(line_id="line1", direction="inbound", **call)
             rid = tx.insert_recording(call_id=call_id, path="", codec="alaw",
                                       retention_until="2099-01-01T00:00:00.000Z")
             path = self.config.recordings_dir / f"{rid}.rec"
@@ -175,6 +184,21 @@ class Central:
 
     def stored_file(self, rid: str) -> Path:
         return self.store.stored_file(DEVICE, rid)
+
+
+def shared_broker(pki: Pki, directory: Path, workers: Sequence[str]) -> Broker:
+    """A started loopback broker whose ACL is the repository's plus one ``user`` block per
+    ingest worker (docs/CENTRAL.md, "Deployment"), for workers sharing a subscription."""
+    directory.mkdir(parents=True, exist_ok=True)
+    acl = directory / "acl"
+    blocks = "".join(f"user {w}\ntopic read er/v1/+/up/#\ntopic write er/v1/+/down/#\n\n"
+                     for w in workers)
+    acl.write_text(blocks + (REPO / "sync" / "mosquitto" / "acl").read_text())
+    config = dataclasses.replace(local_config(pki, directory / "broker", free_port()),
+                                 acl_file=acl)
+    broker = Broker(directory / "broker", config, probe=pki.central)
+    broker.start()
+    return broker
 
 
 def sha256_file(path: Path) -> str:

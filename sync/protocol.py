@@ -324,6 +324,7 @@ class Chunk:
     recording_id: str
     offset: int
     data: bytes
+    crc32: int | None = None  # the checked CRC-32 of ``data`` (decode_chunk sets it)
 
     @property
     def end(self) -> int:
@@ -356,7 +357,7 @@ def decode_chunk(payload: bytes) -> Chunk:
                             f"{len(data)} data bytes follow", "bad_chunk")
     if zlib.crc32(data) != crc:
         raise ProtocolError(f"chunk {recording_id}@{offset}: CRC-32 mismatch", "bad_chunk")
-    return Chunk(recording_id, offset, data)
+    return Chunk(recording_id, offset, data, crc)
 
 
 def chunk_recording_id(payload: bytes) -> str | None:

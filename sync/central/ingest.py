@@ -223,7 +223,7 @@ class CentralStore:
         if staged is None or (staged["sha256"], staged["size"]) != (init.sha256, init.size):
             self.objects.begin(device, rid, json.loads(payload))
             log.info("%s: upload %s begun (%d bytes)", device, rid, init.size)
-        return p.Ack(rid, p.PARTIAL, self.objects.held(device, rid))
+        return p.Ack(rid, p.PARTIAL, self.objects.held(device, rid, fresh=True))
 
     def _already_stored(self, device: str, rid: str, sha256: str, size: int) -> p.Ack | None:
         row = self.catalogue.get_recording(rid)
@@ -268,7 +268,8 @@ class CentralStore:
                                   f"the size {staged['size']}", "bad_chunk")
         have = self.objects.held(device, rid)
         if not p.covered(have, (chunk.offset, chunk.end)):
-            self.objects.append(device, rid, chunk.offset, chunk.data, sync=not self._group)
+            self.objects.append(device, rid, chunk.offset, chunk.data, sync=not self._group,
+                                crc32=chunk.crc32)
             if self._group:  # acked by handle_batch once durable
                 self._grouped = (device, rid)
                 return p.Ack(rid, p.PARTIAL, have)
@@ -286,7 +287,7 @@ class CentralStore:
             return p.Ack(rid, p.PARTIAL, [], error="no_init")
         if (fin.size, fin.sha256) != (staged["size"], staged["sha256"]):
             raise p.ProtocolError(f"fin {rid}: size or sha256 differs from the init")
-        have = self.objects.held(device, rid)
+        have = self.objects.held(device, rid, fresh=True)  # every worker's logs, listed now
         if p.missing_ranges(fin.size, have):
             return p.Ack(rid, p.PARTIAL, have)
         return self._store(device, rid, staged)

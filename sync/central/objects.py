@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class _LogView:
     ranges: list[p.Range] = field(default_factory=list)
 
 
+LOG_LIST_S = 0.5  # how long a listing of a staging folder's logs is used
 _FileId = tuple[int, int, int]  # st_ino, st_mtime_ns, st_size: a replaced file differs
 
 
@@ -60,6 +62,7 @@ class ObjectStore:
         self._inits: dict[Path, tuple[_FileId, dict[str, Any]]] = {}
         # records written but not yet fdatasync'ed (group commit): (path, start, length, range)
         self._unsynced: list[tuple[Path, int, int, p.Range]] = []
+        self._listings: dict[Path, tuple[float, list[Path]]] = {}  # folder: (when, logs)
         make_dirs(root / "staging", DIR_MODE)
         make_dirs(root / "objects", DIR_MODE)
 
@@ -98,10 +101,11 @@ class ObjectStore:
             del self._views[path]
         self._own = {k for k in self._own if k.parent != folder}
         self._inits.pop(folder / "init.json", None)
+        self._listings.pop(folder, None)
         shutil.rmtree(folder, ignore_errors=True)
 
     def append(self, device: str, rid: str, offset: int, data: bytes, *,
-               sync: bool = True) -> None:
+               sync: bool = True, crc32: int | None = None) -> None:
         """One record, durable when this returns (one fdatasync); with ``sync=False`` it
         is durable, and counted as held, only after the next :meth:`commit` (group
         commit: one fdatasync for every record written since)."""
@@ -109,7 +113,8 @@ class ObjectStore:
         if path not in self._own:
             _cut_torn_tail(path)  # left by a crash of this worker: later records must count
             self._own.add(path)
-        record = RECORD.pack(offset, len(data), zlib.crc32(data)) + data
+        crc = zlib.crc32(data) if crc32 is None else crc32  # a chunk's CRC was just checked
+        record = RECORD.pack(offset, len(data), crc) + data
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         try:
             start = os.lseek(fd, 0, os.SEEK_END)
@@ -146,8 +151,11 @@ class ObjectStore:
             view.pos = start + length
             view.ranges = p.add_range(view.ranges, held)
 
-    def held(self, device: str, rid: str) -> list[p.Range]:
-        """The ranges every worker's log holds (read incrementally)."""
+    def held(self, device: str, rid: str, *, fresh: bool = False) -> list[p.Range]:
+        """The ranges every worker's log holds (read incrementally); ``fresh`` lists the
+        staging folder now instead of using a listing up to LOG_LIST_S old."""
+        if fresh:
+            self._listings.pop(self.staging(device, rid), None)
         ranges: list[p.Range] = []
         for path in self._logs(device, rid):
             view = self._views.setdefault(path, _LogView())
@@ -161,10 +169,22 @@ class ObjectStore:
         return p.merge_ranges(ranges)
 
     def _logs(self, device: str, rid: str) -> list[Path]:
+        """The logs in the staging folder, listed at most every LOG_LIST_S (a listing per
+        chunk cost more than the chunk's write). A log another worker started since is
+        seen at the next listing: until then `have` claims less, never more."""
+        folder = self.staging(device, rid)
+        now = time.monotonic()
+        listed = self._listings.get(folder)
+        if listed is not None and now - listed[0] < LOG_LIST_S:
+            own = folder / f"{self.worker_id}{LOG_SUFFIX}"
+            return listed[1] if own in listed[1] or own not in self._own else sorted(
+                {*listed[1], own})
         try:
-            return sorted(self.staging(device, rid).glob(f"*{LOG_SUFFIX}"))
+            logs = sorted(folder.glob(f"*{LOG_SUFFIX}"))
         except FileNotFoundError:
-            return []
+            logs = []
+        self._listings[folder] = (now, logs)
+        return logs
 
     # --- objects -----------------------------------------------------------------------
     def object_path(self, device: str, rid: str) -> Path:

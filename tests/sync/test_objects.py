@@ -30,7 +30,10 @@ def test_another_workers_records_are_read_incrementally(tmp_path: Path) -> None:
     mine.append(DEVICE, RID, 0, b"a" * 100)
     assert mine.held(DEVICE, RID) == [(0, 100)]
     theirs.append(DEVICE, RID, 200, b"c" * 100)
-    assert mine.held(DEVICE, RID) == [(0, 100), (200, 300)]
+    assert mine.held(DEVICE, RID) == [(0, 100)]  # a new log is seen at the next listing...
+    assert mine.held(DEVICE, RID, fresh=True) == [(0, 100), (200, 300)]  # ...or on demand
+    theirs.append(DEVICE, RID, 300, b"d")
+    assert mine.held(DEVICE, RID) == [(0, 100), (200, 301)]  # then read incrementally
 
 
 def test_init_is_read_again_when_replaced(tmp_path: Path) -> None:

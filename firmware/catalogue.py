@@ -16,12 +16,14 @@ connection directly, with column names checked against the table's columns.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import decimal
 import json
 import logging
 import re
 import secrets
+import socket
 import sqlite3
 import threading
 import uuid
@@ -228,6 +230,20 @@ FROM recordings r JOIN calls c ON c.id = r.call_id
 
 # --- plain sqlite3 helpers (the routine path, without sqlite-utils) -------------------
 
+def outbox_bell_path(db_path: Path) -> Path:
+    """The Unix datagram socket the outbox's reader (the sync agent) listens on."""
+    return db_path.with_name(db_path.name + ".outbox-bell")
+
+
+def ring_outbox_bell(db_path: Path) -> None:
+    """Tell the outbox's reader, if it is listening, that new items were committed, so it
+    need not wait for its next poll. Nobody listening (or a full queue) is fine: the
+    reader polls anyway."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as bell, contextlib.suppress(OSError):
+        bell.setblocking(False)
+        bell.sendto(b"outbox", str(outbox_bell_path(db_path)))
+
+
 def _quote(name: str) -> str:
     """An SQL identifier in double quotes (sqlite.org/lang_keywords.html)."""
     return '"' + name.replace('"', '""') + '"'
@@ -361,6 +377,7 @@ class Catalogue:
         self._ids = Uuid7Factory(clock)
         self._closed = False
         self._columns: dict[str, frozenset[str]] = {}
+        self._ring_after_commit = False  # an outbox item was added in this transaction
 
     # --- life cycle ----------------------------------------------------------------
     def close(self) -> None:
@@ -477,6 +494,7 @@ class Catalogue:
                     yield
                 return
             self._execute_control("BEGIN IMMEDIATE")
+            self._ring_after_commit = False
             try:
                 yield
             except BaseException:
@@ -487,6 +505,8 @@ class Catalogue:
             except CatalogueError:
                 self._rollback()
                 raise
+            if self._ring_after_commit:
+                ring_outbox_bell(self.path)
 
     @contextmanager
     def _savepoint(self) -> Iterator[None]:
@@ -758,6 +778,8 @@ class Txn:
             "INSERT OR IGNORE INTO outbox (kind, ref, created_at, state, attempts) "
             "VALUES (?, ?, ?, 'pending', 0)",
             (kind, ref, iso_utc_ms(self._cat.clock.wall())), f"outbox {kind} {ref}")
+        if cursor.rowcount == 1:
+            self._cat._ring_after_commit = True
         return cursor.lastrowid if cursor.rowcount == 1 else None
 
     def update_outbox(self, outbox_id: int, *, state: str, error: str | None = None) -> None:

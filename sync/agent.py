@@ -41,7 +41,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from drivers.clock import Clock, SystemClock
 from firmware.audit import GENESIS_HEX
-from firmware.catalogue import Catalogue, iso_utc_ms
+from firmware.catalogue import Catalogue, iso_utc_ms, outbox_bell_path
 from firmware.config import Config, Sync
 from firmware.keys import key_id, load_or_create_signing_key
 from firmware.policyfile import parse_public_key
@@ -135,6 +135,7 @@ class SyncAgent:
         self._skip_until: dict[str, float] = {}
         self._erasures_sent: dict[str, float] = {}
         self._next_poll_s = 0.0
+        self._bell: socket.socket | None = None
         self._audit_sent_s: float | None = None
         self._audit_next_s = 0.0
         self.chunk_bytes = p.DEFAULT_CHUNK_BYTES
@@ -165,6 +166,29 @@ class SyncAgent:
         self._catalogue = Catalogue(self.config.catalogue_path, clock=self.clock,
                                     device_id=self.device_id)
         self._control = self._load_control()
+        self._open_bell()
+
+    def _open_bell(self) -> None:
+        """Listen on the outbox bell: the recorder rings it when it queues a recording, so
+        an upload starts at once instead of at the next poll (which stays the fallback)."""
+        path = outbox_bell_path(self.config.catalogue_path)
+        bell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            path.unlink(missing_ok=True)
+            bell.bind(str(path))
+        except OSError as exc:  # e.g. a path over the 107-byte limit of a socket address
+            bell.close()
+            log.info("outbox bell %s unavailable (%s); polling every %.2f s", path, exc,
+                     OUTBOX_POLL_S)
+            return
+        self._bell = bell
+        threading.Thread(target=self._bell_loop, args=(bell,), name="outbox-bell",
+                         daemon=True).start()
+
+    def _bell_loop(self, bell: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # closed at shutdown
+            while bell.recv(64):
+                self._events.put(("outbox",))
 
     def _load_control(self) -> ControlLike | None:
         try:
@@ -182,6 +206,12 @@ class SyncAgent:
             self._client.loop_stop()
         if self._control is not None and hasattr(self._control, "close"):
             self._control.close()
+        if self._bell is not None:
+            path = outbox_bell_path(self.config.catalogue_path)
+            with contextlib.suppress(OSError):  # an empty datagram ends the bell thread
+                self._bell.sendto(b"", str(path))
+            self._bell.close()
+            path.unlink(missing_ok=True)
         if self._catalogue is not None:
             self._catalogue.close()
         log.info("sync agent stopped")
@@ -288,6 +318,8 @@ class SyncAgent:
                      self.settings.port)
         elif kind == "message":
             self._message(event[1], event[2])
+        elif kind == "outbox":
+            self._next_poll_s = 0.0  # new work: look at the outbox on this tick
         elif kind == "no_subscribers":
             log.debug("central is not subscribed (PUBACK 0x10); waiting for it")
         elif kind == "publish_failed":

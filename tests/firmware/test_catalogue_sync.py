@@ -84,3 +84,30 @@ def test_receipts_are_append_only(tmp_path: Path) -> None:
         assert (cat.latest_receipt() or {})["head_hash"] == HEAD
         with pytest.raises(CatalogueError, match="transaction already ended"):
             txn.insert_audit_receipt(6, HEAD, "00" * 8, "c2ln", "2026-01-01T00:00:00.000Z")
+
+
+def test_a_committed_outbox_item_rings_the_bell_and_a_rollback_does_not(tmp_path: Path) -> None:
+    import socket
+
+    from drivers.clock import ManualClock
+    from firmware.catalogue import Catalogue, outbox_bell_path
+
+    cat = Catalogue(tmp_path / "c.db", clock=ManualClock(), device_id="d1")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as bell:
+        bell.bind(str(outbox_bell_path(tmp_path / "c.db")))
+        bell.settimeout(5)
+        try:
+            with cat.transaction() as tx:
+                tx.enqueue("recording", "r-rolled-back")
+                raise RuntimeError("power cut")
+        except RuntimeError:
+            pass
+        with cat.transaction() as tx:
+            tx.enqueue("recording", "r1")
+        assert bell.recv(64) == b"outbox"
+        bell.settimeout(0.2)
+        try:
+            extra = bell.recv(64)
+        except TimeoutError:
+            extra = None
+        assert extra is None  # exactly one ring: the rolled-back item rang nothing

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -231,6 +231,22 @@ def msgspec_error_key(message: str) -> tuple[str, str]:
     return key or "(top level)", what[0].lower() + what[1:]
 
 
+T = TypeVar("T")
+
+
+def convert_checked(raw: Any, kind: type[T], source: str, *,
+                    error: type[Exception] = ConfigError, prefix: str = "") -> T:
+    """``msgspec.convert`` (strict) with a one-line ``SOURCE: key: what`` error of type
+    ``error``; ``prefix`` is the key path of ``raw`` inside its file."""
+    try:
+        return msgspec.convert(raw, kind, strict=True)
+    except msgspec.ValidationError as exc:
+        key, what = msgspec_error_key(str(exc))
+        if prefix:
+            key = prefix if key == "(top level)" else f"{prefix}.{key}"
+        raise error(f"{source}: {key}: {what}") from None
+
+
 def parse_config(text: str, source: str = "<config>") -> Config:
     """Parse and validate TOML ``text``; errors name ``source``."""
     try:
@@ -238,11 +254,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     raw["source"] = source
-    try:
-        config = msgspec.convert(raw, Config, strict=True)
-    except msgspec.ValidationError as exc:
-        key, what = msgspec_error_key(str(exc))
-        raise ConfigError(f"{source}: {key}: {what}") from None
+    config = convert_checked(raw, Config, source)
     _check_recipients(config)
     _check_lines(config)
     _check_policy(config)

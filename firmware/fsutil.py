@@ -37,19 +37,24 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """
     part = path.with_name(path.name + PART_SUFFIX)
     part.unlink(missing_ok=True)  # a leftover from a crash; its mode is not ours
-    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _write_synced(part, data, mode)
         os.replace(part, path)
     except BaseException:
         part.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
     log.debug("wrote %s (%d bytes, mode %04o)", path, len(data), mode)
+
+
+def _write_synced(part: Path, data: bytes, mode: int) -> None:
+    """A new file (O_EXCL, never wider than ``mode``, then exactly ``mode``), fsynced."""
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "wb") as handle:
+        os.fchmod(handle.fileno(), mode)
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def create_new(path: Path, data: bytes, mode: int = 0o600) -> bool:
@@ -60,13 +65,8 @@ def create_new(path: Path, data: bytes, mode: int = 0o600) -> bool:
     file appears complete or not at all, and exactly one creator wins.
     """
     part = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}{PART_SUFFIX}")
-    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _write_synced(part, data, mode)
         try:
             os.link(part, path)
         except FileExistsError:

@@ -212,15 +212,9 @@ def _decode(data: bytes, source: str) -> PolicyFileSpec:
 
 
 def _convert(raw: Any, kind: type[Any], key_prefix: str, source: str) -> Any:
-    from firmware.config import msgspec_error_key
+    from firmware.config import convert_checked
 
-    try:
-        return msgspec.convert(raw, kind, strict=True)
-    except msgspec.ValidationError as exc:
-        key, what = msgspec_error_key(str(exc))
-        if key_prefix:
-            key = key_prefix if key == "(top level)" else f"{key_prefix}.{key}"
-        raise PolicyError(f"{source}: {key}: {what}") from None
+    return convert_checked(raw, kind, source, error=PolicyError, prefix=key_prefix)
 
 
 def _check_codes_and_modes(spec: PolicyFileSpec, source: str) -> None:

@@ -26,7 +26,7 @@ from typing import Annotated, Any, NoReturn
 import msgspec
 import numpy as np
 
-from firmware.config import msgspec_error_key
+from firmware.config import convert_checked
 from firmware.fsutil import atomic_write, make_dirs
 from firmware.prompts import (
     ACTIVE_GATE_DB,
@@ -178,11 +178,8 @@ def _parse_language(code: str, table: Any, source: str) -> PromptTexts:
     where = f"{source}: languages.{code}"
     if not LANGUAGE_RE.match(code):
         raise PromptError(f"{where}: not a language code (like de, pt-BR)")
-    try:
-        texts = msgspec.convert(table, PromptTexts, strict=True)
-    except msgspec.ValidationError as exc:
-        key, what = msgspec_error_key(str(exc))
-        raise PromptError(f"{where}.{key}: {what}") from None
+    texts = convert_checked(table, PromptTexts, source, error=PromptError,
+                            prefix=f"languages.{code}")
     for key, value in (("notice", texts.notice), ("consent", texts.consent),
                        ("speak.notice", texts.speak.notice),
                        ("speak.consent", texts.speak.consent)):

@@ -211,7 +211,7 @@ class Plan(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 def load_plan(path: Path) -> Plan:
     """A plan from a TOML file; errors name the file and key."""
-    from firmware.config import msgspec_error_key
+    from firmware.config import convert_checked
 
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -220,11 +220,7 @@ def load_plan(path: Path) -> Plan:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ProvisionError(f"{path}: not valid TOML: {exc}") from None
     raw["base_dir"] = str(path.parent)
-    try:
-        plan = msgspec.convert(raw, Plan, strict=True)
-    except msgspec.ValidationError as exc:
-        key, what = msgspec_error_key(str(exc))
-        raise ProvisionError(f"{path}: {key}: {what}") from None
+    plan = convert_checked(raw, Plan, str(path), error=ProvisionError)
     unknown = [name for name in plan.selftests if name not in ALL_SELFTESTS]
     if unknown:
         raise ProvisionError(f"{path}: selftests: unknown {unknown[0]!r}")

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import msgspec
 
-from firmware.config import ConfigError, msgspec_error_key
+from firmware.config import ConfigError, convert_checked
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 PositiveS = Annotated[float, msgspec.Meta(gt=0)]
@@ -74,11 +74,7 @@ def parse_central_config(text: str, source: str, base: Path | None = None) -> Ce
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     raw["source"] = source
-    try:
-        config = msgspec.convert(raw, CentralConfig, strict=True)
-    except msgspec.ValidationError as exc:
-        key, what = msgspec_error_key(str(exc))
-        raise ConfigError(f"{source}: {key}: {what}") from None
+    config = convert_checked(raw, CentralConfig, source)
     return _resolved(config, base) if base is not None else config
 
 

@@ -146,10 +146,11 @@ class Bench:
         return self.agent
 
 
-def write_settings(tmp: Path) -> Path:
+def write_settings(tmp: Path, scenario: Path = REPO / "examples" / "dealer-day.toml",
+                   name: str = "site.toml") -> Path:
+    """Site settings for one simulated line playing ``scenario``."""
     recipient = Identity.generate().recipient
-    scenario = REPO / "examples" / "dealer-day.toml"
-    path = tmp / "site.toml"
+    path = tmp / name
     path.write_text(f'''device_id = "er-test-0001"
 site = "Autohaus Test"
 jurisdiction = "DE"

@@ -11,7 +11,6 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from firmware.agecrypt import Identity
 from firmware.config import load_config
 from provisioning.selftest import line_test
 from provisioning.state import State
@@ -19,7 +18,7 @@ from provisioning.tool import Client, InstallPlan, ProvisionError, provision
 from sync.broker import Broker, start_local
 from sync.pki import Pki
 
-from .conftest import Bench
+from .conftest import Bench, write_settings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,22 +42,7 @@ hangup = "near"
 def short_line_settings(tmp: Path) -> Path:
     scenario = tmp / "line-check.toml"
     scenario.write_text(LINE_SCENARIO)
-    path = tmp / "site-line.toml"
-    path.write_text(f'''device_id = "{DEVICE_ID}"
-site = "Autohaus Test"
-jurisdiction = "DE"
-
-[keys]
-recipients = ["{Identity.generate().recipient}"]
-
-[[lines]]
-id = "line1"
-backend = "sim"
-[lines.options]
-scenario = "{scenario}"
-speed = 0.0
-''')
-    return path
+    return write_settings(tmp, scenario, "site-line.toml")
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,15 @@ class Stats:
 Answers = list[tuple[str, bytes]]
 
 
+@dataclass
+class Staged:
+    """Chunk messages written but not yet synced: their answers, with the acks of the
+    ``deferred`` ones (index, device, recording) still to be built once durable."""
+
+    answers: list[Answers] = field(default_factory=list)
+    deferred: list[tuple[int, str, str]] = field(default_factory=list)
+
+
 class CentralStore:
     """Message handling: objects on a filesystem path, rows in the catalogue."""
 
@@ -108,39 +117,55 @@ class CentralStore:
         chunks (group commit): a chunk's ack is built after its record is durable, so it
         never claims more than a crash would leave. Anything but a chunk commits first."""
         answers: list[Answers] = []
-        deferred: list[tuple[int, str, str]] = []  # (index, device, recording) to ack
+        staged = Staged()
         for topic, payload in messages:
-            named = _recording_topic(topic)
-            if named is None or named[2] != "chunk":
-                self._commit(deferred, answers)
-                answers.append(self.handle(topic, payload))
+            if is_chunk(topic):
+                self.stage_chunks([(topic, payload)], staged)
                 continue
+            answers += self.complete([staged])
+            staged = Staged()
+            answers.append(self.handle(topic, payload))
+        return answers + self.complete([staged])
+
+    def stage_chunks(self, messages: list[tuple[str, bytes]],
+                     staged: Staged | None = None) -> Staged:
+        """Write chunk messages without syncing them; :meth:`complete` (on this thread or
+        a commit thread) makes them durable and builds their acks."""
+        staged = staged if staged is not None else Staged()
+        for topic, payload in messages:
             self._group = True
             try:
-                answers.append(self.handle(topic, payload))
+                staged.answers.append(self.handle(topic, payload))
             finally:
                 self._group = False
             if self._grouped is not None:
-                deferred.append((len(answers) - 1, *self._grouped))
+                staged.deferred.append((len(staged.answers) - 1, *self._grouped))
                 self._grouped = None
-        self._commit(deferred, answers)
-        return answers
+        return staged
 
-    def _commit(self, deferred: list[tuple[int, str, str]], answers: list[Answers]) -> None:
-        if not deferred:
-            return
-        try:
-            self.objects.commit()
-        except OSError as exc:
-            log.error("chunk records not synced: %s", exc)
-            for index, device, rid in deferred:
-                answers[index] = self._io_error(p.rec_topic(device, "up", rid, "chunk"))
-            deferred.clear()
-            return
-        for index, device, rid in deferred:
-            ack = p.Ack(rid, p.PARTIAL, self._have(device, rid))
-            answers[index] = [(p.rec_topic(device, "down", rid, "ack"), ack.encode())]
-        deferred.clear()
+    def complete(self, batches: list[Staged]) -> list[Answers]:
+        """One fdatasync for every record written so far, then the staged batches'
+        answers in order (a chunk's ack says what is held once it is durable)."""
+        deferred = [d for staged in batches for d in staged.deferred]
+        failed = False
+        if deferred:
+            try:
+                self.objects.commit()
+            except OSError as exc:
+                log.error("chunk records not synced: %s", exc)
+                failed = True
+        answers: list[Answers] = []
+        for staged in batches:
+            for index, device, rid in staged.deferred:
+                if failed:
+                    staged.answers[index] = self._io_error(p.rec_topic(device, "up", rid,
+                                                                       "chunk"))
+                else:
+                    ack = p.Ack(rid, p.PARTIAL, self._have(device, rid))
+                    staged.answers[index] = [(p.rec_topic(device, "down", rid, "ack"),
+                                              ack.encode())]
+            answers += staged.answers
+        return answers
 
     def handle(self, topic: str, payload: bytes) -> Answers:
         """The answers (topic, payload) to one message; malformed ones are logged."""
@@ -293,7 +318,14 @@ class CentralStore:
         return self._store(device, rid, staged)
 
     def _store(self, device: str, rid: str, staged: dict[str, Any]) -> p.Ack:
-        tmp, digest = self.objects.assemble(device, rid, int(staged["size"]))
+        try:
+            assembled = self.objects.assemble(device, rid, int(staged["size"]))
+        except FileNotFoundError:  # the staging folder went while this worker read it
+            assembled = None
+        if assembled is None:  # another worker stored it or it began again: say so
+            done = self._already_stored(device, rid, staged["sha256"], int(staged["size"]))
+            return done or p.Ack(rid, p.PARTIAL, self._have(device, rid))
+        tmp, digest = assembled
         if digest != staged["sha256"]:
             tmp.unlink(missing_ok=True)
             self.objects.begin(device, rid, staged)
@@ -303,7 +335,12 @@ class CentralStore:
                                      self._now())
             return p.Ack(rid, p.PARTIAL, [], error="sha256_mismatch")
         manifest = {"manifest": staged["manifest"], "manifest_sig": staged["manifest_sig"]}
-        final = self.objects.publish(device, rid, tmp, manifest)
+        try:
+            final = self.objects.publish(device, rid, tmp, manifest)
+        except FileNotFoundError as exc:  # another worker's begin removed the part meanwhile
+            log.warning("%s: upload %s not published: %s", device, rid, exc)
+            done = self._already_stored(device, rid, staged["sha256"], int(staged["size"]))
+            return done or p.Ack(rid, p.PARTIAL, self._have(device, rid))
         row = _row(device, staged, final.relative_to(self.directory), self._now())
         if self.catalogue.add_recording(row):
             self.stats.stored += 1
@@ -364,6 +401,9 @@ class CentralClient:
         self._flusher: threading.Thread | None = None
         self._handler: threading.Thread | None = None
         self._inbox: queue.Queue[_Received | None] = queue.Queue()
+        # written chunk batches waiting for the commit thread's fdatasync (at most two)
+        self._commits: queue.Queue[tuple[list[_Received], Staged] | None] = queue.Queue(2)
+        self._committer: threading.Thread | None = None
         self._connection = 0  # counts connections; a PUBACK belongs to one
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                   protocol=mqtt.MQTTv5)
@@ -404,6 +444,9 @@ class CentralClient:
         self._handler = threading.Thread(target=self._handle_loop, name="ingest-handler",
                                          daemon=True)
         self._handler.start()
+        self._committer = threading.Thread(target=self._commit_loop, name="ingest-commit",
+                                           daemon=True)
+        self._committer.start()
 
     def _end_handler(self) -> None:
         """The message being handled is finished; queued ones stay unacknowledged."""
@@ -411,6 +454,10 @@ class CentralClient:
         if self._handler is not None:
             self._handler.join(30)
             self._handler = None
+        if self._committer is not None:  # after the handler: what it staged is answered
+            self._commits.put(None)
+            self._committer.join(30)
+            self._committer = None
 
     def stop(self) -> None:
         """A clean stop: the state says offline, the connection ends."""
@@ -486,12 +533,54 @@ class CentralClient:
                 return
 
     def _handle(self, batch: list[_Received]) -> None:
-        results = self.store.handle_batch([(r.topic, r.payload) for r in batch])
-        for received, answers in zip(batch, results, strict=True):
+        """Chunks at the head of the batch are written here and handed to the commit
+        thread, which syncs them while the next batch is written; anything else waits
+        until every earlier chunk is answered (answers and PUBACKs stay in arrival order)."""
+        head = 0
+        while head < len(batch) and is_chunk(batch[head].topic):
+            head += 1
+        if head:
+            staged = self.store.stage_chunks([(r.topic, r.payload) for r in batch[:head]])
+            self._commits.put((batch[:head], staged))
+        if head < len(batch):
+            self._commits.join()
+            rest = batch[head:]
+            self._answer(rest, self.store.handle_batch([(r.topic, r.payload) for r in rest]))
+
+    def _commit_loop(self) -> None:
+        """Sync what the handler wrote (everything queued with one fdatasync), then send
+        those answers and the broker's acknowledgements."""
+        while (first := self._commits.get()) is not None:
+            items = [first]
+            stop = False
+            while True:
+                try:
+                    more = self._commits.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                items.append(more)
+            try:
+                answers = self.store.complete([staged for _, staged in items])
+                self._answer([r for received, _ in items for r in received], answers)
+            except Exception:
+                log.exception("chunk answers not sent")
+            finally:
+                for _ in items:
+                    self._commits.task_done()
+            if stop:
+                self._commits.task_done()
+                return
+        self._commits.task_done()
+
+    def _answer(self, received: list[_Received], results: list[Answers]) -> None:
+        for message, answers in zip(received, results, strict=True):
             for topic, payload in answers:
                 self.client.publish(topic, payload, qos=1)
-            if received.connection == self._connection:  # else the broker sends it again
-                self.client.ack(received.mid, received.qos)
+            if message.connection == self._connection:  # else the broker sends it again
+                self.client.ack(message.mid, message.qos)
 
 
 @dataclass(frozen=True)
@@ -526,6 +615,11 @@ def _row(device: str, staged: dict[str, Any], path: Path, now: str) -> StoredRec
     return StoredRecording(staged["recording_id"], device, staged["sha256"],
                            int(staged["size"]), manifest, staged["manifest_sig"], str(path),
                            now, manifest.get("started_at"), manifest.get("retention_until"))
+
+
+def is_chunk(topic: str) -> bool:
+    named = _recording_topic(topic)
+    return named is not None and named[2] == "chunk"
 
 
 def _recording_topic(topic: str) -> tuple[str, str, str] | None:

@@ -4,16 +4,16 @@
 is the MQTT worker. Several workers share the load through a shared subscription
 (``$share/<group>/er/v1/+/up/#``): each has its own certificate and worker id, and they
 share the object folder and the catalogue. Nothing a worker decides lives only in its
-memory: the ranges held are in the chunk logs, "stored" is the catalogue row, so a
+memory: the ranges held are in the part files, "stored" is the catalogue row, so a
 worker that dies mid-file loses nothing and any worker completes the upload when the
 device resumes.
 
 "stored" is answered only after the object is fsynced and renamed (directory fsynced)
-and its catalogue row committed. Messages are handled one at a time, in the order they
-arrived, on the worker's handler thread, while paho's network thread reads the next ones
-off the connection (TLS, parsing): a chunk's fdatasync no longer stops the reading. The
-broker's PUBACK for a message is sent only after it was handled (manual acks), as
-before, when handling ran inside paho's callback.
+and its catalogue row committed. Three threads: paho's network thread reads messages off
+the connection (TLS, parsing); the handler thread handles them in arrival order, writing a
+batch of chunks while the commit thread makes the previous batch durable (one fdatasync)
+and sends its answers. The broker's PUBACK for a message is sent only after it was
+handled and its answer built (manual acks), in arrival order.
 """
 
 from __future__ import annotations
@@ -312,7 +312,7 @@ class CentralStore:
             return p.Ack(rid, p.PARTIAL, [], error="no_init")
         if (fin.size, fin.sha256) != (staged["size"], staged["sha256"]):
             raise p.ProtocolError(f"fin {rid}: size or sha256 differs from the init")
-        have = self.objects.held(device, rid, fresh=True)  # every worker's logs, listed now
+        have = self.objects.held(device, rid, fresh=True)  # every worker's parts, listed now
         if p.missing_ranges(fin.size, have):
             return p.Ack(rid, p.PARTIAL, have)
         return self._store(device, rid, staged)

@@ -1,6 +1,7 @@
 """Voice activity detector: energy over a tracked noise floor, with a tonality guard.
 
-Signal path (numpy per batch; Python only walks the edges of active runs):
+Signal path (numpy per batch, the spectra ``SPECTRUM_ROWS`` windows at a time; Python
+only walks the edges of active runs):
 
 1. Frames of ``FRAME_LEN`` = 160 samples (20 ms). Each frame's AC energy in dBFS (0 dBFS
    = full-scale sine).
@@ -30,7 +31,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
+from numpy.lib.stride_tricks import as_strided
 
 from drivers.dsp.events import SAMPLE_RATE, DetectorEvent, Voice
 from drivers.dsp.tones import CallProgressConfigError
@@ -52,6 +53,8 @@ FLOOR_MAX_DBFS = -30.0  # a floor above this is speech without pauses, not noise
 HANGOVER_FRAMES = 10  # 200 ms of inactivity ends a segment
 MIN_VOICE_FRAMES = 3  # shorter segments (a click, < 60 ms) are not reported
 DEFAULT_BATCH_SAMPLES = 3200  # 400 ms: numpy call overhead per line stays small
+SPECTRUM_ROWS = 512  # windows transformed at a time: a 10 s file batch (500 frames) at once
+KEEP_AUDIO_SAMPLES = 1 << 17  # a batch's audio buffer up to 16 s (1 MB) is kept for the next
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,13 +68,33 @@ class FrameActivity:
 
 
 class _Spectra:
-    """Frame energy and spectral peak share (vectorised over frames)."""
+    """Frame energy and spectral peak share (vectorised over frames).
+
+    The windowed frames and the power spectra live in work buffers kept from call to call
+    (fresh megabytes for every 10 s batch cost more in page faults than the FFT itself);
+    the windows go through ``SPECTRUM_ROWS`` at a time, so a batch of any length needs no
+    more memory than that.
+    """
 
     def __init__(self) -> None:
         self._window = np.hanning(WINDOW_LEN + 2)[1:-1]
-        # peak windows index a power array padded by PEAK_HALF_WIDTH zeros on each side
-        self._offsets = np.arange(2 * PEAK_HALF_WIDTH + 1)
         self._bins = WINDOW_LEN // 2 + 1
+        self._width = self._bins + 2 * PEAK_HALF_WIDTH  # a power row padded with zeros
+        self._offsets = np.arange(2 * PEAK_HALF_WIDTH + 1)  # a peak's bins, padded index
+        self._pair = np.arange(2)  # a window's frames: the one before and its own
+        self._rows = 0
+        self._grow(0)
+
+    def _grow(self, rows: int) -> None:
+        """Work buffers for ``rows`` windows (at most SPECTRUM_ROWS)."""
+        self._rows = rows
+        self._windowed = np.empty((rows, WINDOW_LEN))
+        # power at [PEAK_HALF_WIDTH, PEAK_HALF_WIDTH + bins) of each row; only zeros are
+        # ever written to the padding and to the bins below LOW_CUT_BINS
+        self._power = np.zeros((rows, self._width))
+        # a peak's bins in the flattened power: core bins argmax-2 .. argmax+2 are padded
+        # bins argmax .. argmax+4
+        self._peak_base = (np.arange(rows) * self._width)[:, None] + self._offsets
 
     @staticmethod
     def energy_db(frames: np.ndarray) -> np.ndarray:
@@ -80,23 +103,38 @@ class _Spectra:
         ac = (np.einsum("ij,ij->i", frames, frames) - sums * sums / FRAME_LEN) / FRAME_LEN
         return 10.0 * np.log10(ac / FULL_SCALE_POWER + 1e-12)
 
-    def share(self, windows: np.ndarray) -> np.ndarray:
+    def share(self, frames: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Share of the two strongest spectral peaks (+-PEAK_HALF_WIDTH bins each) in the
-        power above LOW_CUT_BINS of Hann-windowed 40 ms ``windows``."""
-        spec = np.fft.rfft(windows * self._window, axis=1)
-        n = len(windows)
-        power = np.zeros((n, self._bins + 2 * PEAK_HALF_WIDTH))
+        power above LOW_CUT_BINS of the Hann-windowed 40 ms windows ``frames[i]``,
+        ``frames[i + 1]`` for each ``i`` in ``rows`` (``frames``: float64, C order)."""
+        shares = np.empty(len(rows))
+        if self._rows < min(len(rows), SPECTRUM_ROWS):
+            self._grow(min(len(rows), SPECTRUM_ROWS))
+        for start in range(0, len(rows), SPECTRUM_ROWS):
+            chunk = rows[start:start + SPECTRUM_ROWS]
+            shares[start:start + len(chunk)] = self._share(frames, chunk)
+        return shares
+
+    def _share(self, frames: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        n = len(rows)
+        windowed = self._windowed[:n]
+        # the rows are valid: "clip" only spares the copy that "raise" makes of ``out``
+        np.take(frames, rows[:, None] + self._pair, axis=0,
+                out=windowed.reshape(n, 2, FRAME_LEN), mode="clip")
+        windowed *= self._window
+        parts = np.fft.rfft(windowed, axis=1).view(np.float64)
+        np.multiply(parts, parts, out=parts)  # re^2, im^2, re^2, im^2, ...
+        power = self._power[:n]
         core = power[:, PEAK_HALF_WIDTH:PEAK_HALF_WIDTH + self._bins]
-        np.multiply(spec.real, spec.real, out=core)
-        core += spec.imag * spec.imag
-        core[:, :LOW_CUT_BINS] = 0.0
+        np.add(parts[:, 2 * LOW_CUT_BINS::2], parts[:, 2 * LOW_CUT_BINS + 1::2],
+               out=core[:, LOW_CUT_BINS:])
         total = core.sum(axis=1) + 1e-9
-        rows = np.arange(n)[:, None]
-        cols = core.argmax(axis=1)[:, None] + self._offsets
-        share = power[rows, cols].sum(axis=1)
-        power[rows, cols] = 0.0
-        cols = core.argmax(axis=1)[:, None] + self._offsets
-        share += power[rows, cols].sum(axis=1)
+        flat = power.reshape(-1)
+        peak = self._peak_base[:n] + core.argmax(axis=1)[:, None]
+        share = flat[peak].sum(axis=1)
+        flat[peak] = 0.0
+        peak = self._peak_base[:n] + core.argmax(axis=1)[:, None]
+        share += flat[peak].sum(axis=1)
         return share / total
 
 
@@ -115,6 +153,7 @@ class VoiceDetector:
                 f"VoiceDetector: batch_samples {batch_samples} must be >= 1")
         self._batch_samples = batch_samples
         self._spectra = _Spectra()
+        self._work = np.empty(0)  # float64 audio of the batch being analysed (scratch)
         self.reset()
 
     def reset(self) -> None:
@@ -169,16 +208,26 @@ class VoiceDetector:
     def _process(self) -> list[DetectorEvent]:
         if not self._pending:
             return []
-        buf = np.concatenate(self._pending).astype(np.float64, copy=False)
-        n = len(buf) // FRAME_LEN
-        used = n * FRAME_LEN
-        self._pending = [buf[used:]] if used < len(buf) else []
-        self._pending_len = len(buf) - used
+        # counted from the pieces: _pending_len leaves out the silence flush appends
+        n = sum(len(piece) for piece in self._pending) // FRAME_LEN
         if n == 0:
             return []
-        frames = buf[:used].reshape(n, FRAME_LEN)
-        energy = self._spectra.energy_db(frames)
-        core = self._tonal_windows(buf[:used], energy)
+        used = n * FRAME_LEN
+        # the frame before the batch, then the batch's whole frames (float64)
+        flat = self._audio(FRAME_LEN + used)
+        flat[:FRAME_LEN] = self._prev
+        pos, rest = FRAME_LEN, []
+        for piece in self._pending:
+            take = min(len(piece), len(flat) - pos)
+            flat[pos:pos + take] = piece[:take]
+            pos += take
+            if take < len(piece):
+                rest.append(piece[take:])
+        self._pending = [np.concatenate(rest).astype(np.float64)] if rest else []
+        self._pending_len = sum(len(piece) for piece in self._pending)
+        frames = flat.reshape(n + 1, FRAME_LEN)  # frames[i + 1] is the batch's frame i
+        energy = self._spectra.energy_db(frames[1:])
+        core = self._tonal_windows(frames, energy)
         self._prev = frames[-1].copy()
         # a frame is tonal when the window ending with it or the next one is: the ragged
         # first frame of a burst only shows in the window that follows. So the newest
@@ -197,8 +246,20 @@ class VoiceDetector:
         self.last_frames = FrameActivity(first_sample, active, tonal)
         return self._segments(first_sample, active)
 
-    def _tonal_windows(self, audio: np.ndarray, energy: np.ndarray) -> np.ndarray:
-        """Per frame: its 40 ms window (previous frame + this one) holds a steady tone."""
+    def _audio(self, size: int) -> np.ndarray:
+        """A float64 work array of ``size`` samples; one up to KEEP_AUDIO_SAMPLES is reused
+        by the next batch (a fresh one per batch costs its page faults every time)."""
+        if len(self._work) >= size:
+            return self._work[:size]
+        if size > KEEP_AUDIO_SAMPLES:
+            return np.empty(size)
+        # rounded up to 4096 samples: the same batch with a different leftover still fits
+        self._work = np.empty(min(-(-size // 4096) * 4096, KEEP_AUDIO_SAMPLES))
+        return self._work[:size]
+
+    def _tonal_windows(self, frames: np.ndarray, energy: np.ndarray) -> np.ndarray:
+        """Per frame: its 40 ms window (previous frame + this one) holds a steady tone.
+        ``frames``: the frame before the batch, then the batch's frames."""
         core = np.zeros(len(energy), dtype=bool)
         # the floor can only fall to the batch's quietest frame: frames below this bound
         # stay inactive whatever their spectrum; only the windows that decide whether a
@@ -209,10 +270,7 @@ class VoiceDetector:
         held_loud = self._held is not None and self._held[0] >= bound
         need = np.flatnonzero(loud | np.concatenate([[held_loud], loud[:-1]]))
         if len(need):
-            flat = np.concatenate([self._prev, audio])
-            # window i: the previous frame and frame i, a view into flat (no copy)
-            windows = sliding_window_view(flat, WINDOW_LEN)[::FRAME_LEN][need]
-            core[need] = self._spectra.share(windows) >= TONAL_SHARE
+            core[need] = self._spectra.share(frames, need) >= TONAL_SHARE
         return core
 
     def _active(self, energy: np.ndarray, tonal: np.ndarray) -> np.ndarray:
@@ -220,7 +278,9 @@ class VoiceDetector:
         to and including each frame (the same at any batch size)."""
         quiet = np.concatenate([self._quiet_history, np.where(tonal, np.inf, energy)])
         self._quiet_history = quiet[len(quiet) - (FLOOR_FRAMES - 1):]
-        lowest = sliding_window_view(quiet, FLOOR_FRAMES).min(axis=1)
+        # quiet[i:i + FLOOR_FRAMES] for each frame i: a read-only view (no copy)
+        lowest = as_strided(quiet, (len(energy), FLOOR_FRAMES), quiet.strides * 2,
+                            writeable=False).min(axis=1)
         floor = np.clip(lowest, FLOOR_MIN_DBFS, FLOOR_MAX_DBFS)
         return (energy >= floor + ON_MARGIN_DB) & (energy >= MIN_VOICE_DBFS) & ~tonal
 

@@ -17,7 +17,7 @@ import pytest
 from drivers.dsp.answer import ANSWERED, RINGBACK, WAITING, AnswerDetector
 from drivers.dsp.events import Answer, DetectorEvent, Tone, Voice
 from drivers.dsp.tones import CallProgressConfigError
-from drivers.dsp.vad import FLOOR_WINDOW_S, FRAME_LEN, VoiceDetector
+from drivers.dsp.vad import FLOOR_WINDOW_S, FRAME_LEN, SPECTRUM_ROWS, VoiceDetector
 from drivers.sim import synth
 from drivers.sim.backend import render
 from drivers.sim.scenario import load_scenario, parse_scenario
@@ -188,6 +188,72 @@ def test_vad_any_frame_length_same_segments(frame: int) -> None:
     x, _ = sequence(PARTS[:4], np.random.default_rng(5))
     pcm = to_pcm(x)
     assert voices(pcm, frame) == voices(pcm, 160)
+
+
+def frame_flags(det: VoiceDetector, pcm: np.ndarray, feed: int) -> dict[int, tuple[bool, bool]]:
+    """Per judged frame (by its start sample): (active, tonal), ``pcm`` fed ``feed`` at a
+    time (no flush: flush resets the frame decisions)."""
+    flags: dict[int, tuple[bool, bool]] = {}
+    for i in range(0, len(pcm), feed):
+        det.feed(i, pcm[i:i + feed])
+        if det.last_frames is not None:
+            lf = det.last_frames
+            for k, (active, tonal) in enumerate(zip(lf.active, lf.tonal, strict=True)):
+                flags[lf.sample + k * FRAME_LEN] = (bool(active), bool(tonal))
+    return flags
+
+
+def test_long_batches_judge_loud_frames_as_live_batches_do() -> None:
+    """One batch of more than SPECTRUM_ROWS windows (its spectra in several blocks) and
+    400 ms batches: the same tonal decision for every loud frame (at >= -21 dBFS both
+    windows deciding a frame are transformed at any batch size); tones tonal, speech
+    active."""
+    rng = np.random.default_rng(11)
+    t = np.arange(samples(1.0)) / RATE
+    level = FULL_SCALE * 10 ** (-16 / 20)
+    parts, tone_spans, pos = [], [], 0
+    for k in range(24):  # 1 s tone / 1 s speech: both in every block of spectra
+        if k % 2:
+            seg = babble(1.0, rng, level_dbfs=-16.0)
+        else:
+            seg = level * np.sin(2 * np.pi * (500.0 + 100.0 * k) * t)
+            tone_spans.append((pos, pos + len(seg)))
+        parts.append(seg)
+        pos += len(seg)
+    x = np.concatenate(parts)
+    pcm = to_pcm(x + floor_noise(len(x), rng))
+    assert len(pcm) // FRAME_LEN > 2 * SPECTRUM_ROWS
+    whole = frame_flags(VoiceDetector(batch_samples=len(pcm)), pcm, len(pcm))
+    live = frame_flags(VoiceDetector(), pcm, FRAME_LEN)
+    frames = pcm[: len(pcm) // FRAME_LEN * FRAME_LEN].reshape(-1, FRAME_LEN).astype(float)
+    level_db = 10 * np.log10(np.var(frames, axis=1) / (FULL_SCALE**2 / 2) + 1e-12)
+    loud = [k * FRAME_LEN for k in np.flatnonzero(level_db >= -20.0)]
+    judged = [s for s in loud if s in whole and s in live]
+    assert len(judged) >= 0.9 * len(loud)
+    assert [whole[s][1] for s in judged] == [live[s][1] for s in judged]
+    in_tone = [s for s in judged
+               if any(a + 2 * FRAME_LEN <= s < b - 2 * FRAME_LEN for a, b in tone_spans)]
+    in_speech = [s for s in judged if s not in in_tone
+                 and not any(a - 2 * FRAME_LEN <= s < b + 2 * FRAME_LEN for a, b in tone_spans)]
+    assert len(in_tone) > 12 * 40 and len(in_speech) > 12 * 30
+    assert all(whole[s] == (False, True) for s in in_tone)
+    assert sum(whole[s][0] for s in in_speech) >= 0.9 * len(in_speech)
+
+
+@pytest.mark.parametrize("feed", [FRAME_LEN, 3200, 19900])
+def test_speech_running_to_the_end_is_judged_on_flush(feed: int) -> None:
+    """flush pads the audio to whole frames plus one: the last frames are judged too."""
+    rng = np.random.default_rng(7)
+    lead = floor_noise(samples(1.0), rng)
+    x = np.concatenate([lead, babble(1.5, rng)[:samples(1.5) - 100]])  # ends mid-frame
+    pcm = to_pcm(x + floor_noise(len(x), rng))
+    assert len(pcm) == 19900
+    det = VoiceDetector()
+    events = run(det, pcm, feed) + det.flush()
+    assert len(events) == 1 and isinstance(events[0], Voice)
+    assert abs(events[0].sample - len(lead)) <= ONSET_TOL
+    assert events[0].end_sample is not None
+    assert len(pcm) - FRAME_LEN < events[0].end_sample <= len(pcm) + FRAME_LEN
 
 
 # --- VAD: what is not voice --------------------------------------------------------------

@@ -199,7 +199,7 @@ def _date(value: bytes) -> str:
     """MMDDHHMM. An impossible date fails the whole message: with a valid checksum it most
     likely hides two bit errors that cancel, so the number cannot be trusted either."""
     text = _text(value, "date")
-    if len(text) != DATE_LEN or not text.isdigit():
+    if len(text) != DATE_LEN or not (text.isascii() and text.isdigit()):
         raise CallerIdMessageError(f"caller-ID date {text!r} is not MMDDHHMM")
     month, day, hour, minute = (int(text[i: i + 2]) for i in range(0, 8, 2))
     if not (1 <= month <= 12 and 1 <= day <= 31 and hour <= 23 and minute <= 59):
@@ -323,20 +323,34 @@ class _AudioHistory:
         size = len(self._ring)
         if len(pcm) + HISTORY_SAMPLES > size:  # a big batch (a file): keep all of it too
             grown = len(pcm) + HISTORY_SAMPLES
-            kept = self.get(self._end - size, self._end).astype(np.float32)
+            kept = self.get(self._end - size, self._end)
             self._ring = np.zeros(grown, dtype=np.float32)
-            pos = (self._end - len(kept)) % grown
-            self._ring.put(np.arange(pos, pos + len(kept)), kept, mode="wrap")
-            size = grown
-        pos = sample % size
-        self._ring.put(np.arange(pos, pos + len(pcm)), pcm, mode="wrap")
+            self._write(self._end - len(kept), kept)
+        self._write(sample, pcm)
         self._end = sample + len(pcm)
 
     def get(self, start: int, end: int) -> np.ndarray:
         start = max(start, self._end - len(self._ring), 0)
         if end <= start:
             return np.zeros(0)
-        return self._ring.take(np.arange(start, end), mode="wrap").astype(np.float64)
+        out = np.empty(end - start)
+        size = len(self._ring)
+        pos = start % size
+        first = min(end - start, size - pos)
+        out[:first] = self._ring[pos: pos + first]
+        if first < len(out):  # wraps (end - start <= size when asked for stored audio)
+            for at in range(first, len(out), size):
+                part = self._ring[: min(size, len(out) - at)]
+                out[at: at + len(part)] = part
+        return out
+
+    def _write(self, sample: int, pcm: np.ndarray) -> None:
+        """``pcm`` (at most the ring's length) at line sample ``sample``."""
+        size = len(self._ring)
+        pos = sample % size
+        first = min(len(pcm), size - pos)
+        self._ring[pos: pos + first] = pcm[:first]
+        self._ring[: len(pcm) - first] = pcm[first:]
 
 
 def classify_mark(audio: np.ndarray) -> str:
@@ -415,7 +429,8 @@ class CallerIdDetector:
         """Decode what is buffered (a message may end in it) before the timeline breaks."""
         if self._demod is None or not self._pending:
             return []
-        batch = np.concatenate(self._pending).astype(np.float64, copy=False)
+        # (nothing keeps the batch: the history and the demodulator copy what they need)
+        batch = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
         self._pending = []
         self._pending_len = 0
         return self._feed_fsk(self._pending_start, batch)
@@ -469,7 +484,8 @@ class CallerIdDetector:
 
 
 def _demodulator(standards: list[FskStandard]) -> FskDemodulator:
-    """One demodulator for the enabled FSK standards (tuned between them when both)."""
+    """One demodulator for the enabled FSK standards (tuned between them when both). Its
+    gate looks for the mark tone of either standard: each receiver decodes both."""
     mark = sum(s.mark_hz for s in standards) / len(standards)
     space = sum(s.space_hz for s in standards) / len(standards)
-    return FskDemodulator(mark, space)
+    return FskDemodulator(mark, space, gate_marks_hz=(BELL202.mark_hz, V23.mark_hz))

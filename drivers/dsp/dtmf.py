@@ -2,9 +2,13 @@
 
 Signal path (all numpy, per batch of blocks; Python only walks the per-block verdicts):
 
-1. The input is cut into *half-blocks* of ``HALF_LEN`` = 52 samples (6.5 ms). A DFT bank
-   (:class:`~drivers.dsp.goertzel.GoertzelBank`, one matrix product per batch) gives each
-   half-block's bins (see :func:`_make_bank` for the 36 columns).
+1. The input is cut into *half-blocks* of ``HALF_LEN`` = 52 samples (6.5 ms). DFT bins
+   (:class:`~drivers.dsp.goertzel.GoertzelBank`, matrix products) give each half-block's
+   bins: the 8 rectangular tone bins of every half-block in float32 for the screen (the
+   level test, the prescreen and the peak test below, each loosened by more than float32
+   rounding can move it, so nothing the exact tests pass is lost), then the whole bank
+   (see :func:`_make_bank` for the 36 columns) in float64 for the few blocks that pass
+   the screen, and every test exactly.
 2. Every pair of adjacent half-blocks is one *block* of 104 samples (13 ms) on a 52-sample
    hop: its bins are ``X = h1 + h2 * exp(-j w M)``, so the overlap costs nothing.
 3. Per block, the strongest row and column bins must pass all of:
@@ -30,7 +34,7 @@ Signal path (all numpy, per batch of blocks; Python only walks the per-block ver
    * 2nd harmonic: the column tone's >= 10 dB below it (speech and music are harmonic);
    * purity (the talk-off guard), judged last and only on blocks that passed the rest:
      two sinusoids at the two measured frequencies, fitted by least squares to the block
-     (:func:`_pair_share`), must explain >= 92 % of its AC energy. Voiced speech can put
+     (:func:`_pure_pair`), must explain >= 92 % of its AC energy. Voiced speech can put
      two of its harmonics on a row and a column frequency (e.g. the 8th and 10th of a
      118 Hz voice on 941 and 1209 Hz, '*'); what betrays it is the energy of its other
      harmonics. Two rectangular DFT bins cannot measure that share: they leak into each
@@ -105,6 +109,13 @@ PEAK_MARGIN_DB = 4.0
 # 15 dB leaves >= 0.95, speech reaches 0.84; see the module docstring); column 2nd harmonic.
 MIN_TONE_ENERGY_SHARE = 0.92
 MAX_HARMONIC_DB = -10.0
+# The screen makes the level test, the prescreen and the peak test in float32, each
+# loosened by this share of the block's energy E (its sum of squares; the peak test by
+# twice it). A float32 sum of 52 terms is off by at most 3.1e-6 of the sum of their
+# magnitudes, so float32 moves the level term by < 1e-5 E and each tone bin's power,
+# scaled as the screen scales it (a pure tone reads its energy), by < 1.3e-5 E: every
+# test is off by < 5e-5 E. The exact tests follow on what passes.
+SCREEN_TOLERANCE = 1e-4
 # Music guard: a column tone within 0.75 % of twice the row tone is one note's fundamental and
 # 2nd harmonic. Real pairs within 1.5 % of nominal stay >= 1.18 % away from an octave
 # (770/1477 Hz: 2 * 770 * 0.985 = 1517 Hz vs 1477 * 1.015 = 1499 Hz).
@@ -119,20 +130,22 @@ MAX_BRIDGED_MISSES = 4
 DEFAULT_BATCH_SAMPLES = 640
 # ... and of at most this many half-blocks (27 s) per batch (a file is analysed in big
 # batches: the per-batch numpy overhead of the few candidate blocks is then paid rarely).
+# A batch's matrix products run single-threaded: drivers/__init__.py pins OpenBLAS to one
+# thread (its worker threads cost more CPU than they save on products this small).
 MAX_BATCH_HALVES = 4096
-# Matrix products run over at most this many rows at a time: a product over much more is
-# big enough for OpenBLAS to spread it over threads (measured: 4096 halves take 3x the CPU
-# of 8 x 512, for the same wall time on 2 cores).
-PRODUCT_ROWS = 512
+
+
+_TRIPLE = np.arange(3)
+_NONE = np.zeros(0, dtype=np.intp)
 
 
 def _db_to_power(db: float) -> float:
     return float(10.0 ** (db / 10.0))
 
 
-# per block: digit code or -1, and the (row, column) tone powers (Hamming bins) used for the
-# twist (None when no block passed)
-_Blocks = tuple[np.ndarray, np.ndarray | None]
+# The blocks of a batch that pass every test (ascending), of n blocks in all: their digit
+# codes and (row, column) tone powers (Hamming bins, used for the twist).
+_Hits = tuple[int, list[int], list[int], list[list[float]]]
 
 
 class _Run:
@@ -174,21 +187,44 @@ class DtmfDetector:
         self._batch_samples = max(batch_samples, BLOCK_LEN)
         self._bank = _make_bank()
         rot = self._bank.block_rotation()
-        self._rot = rot[:12]
-        self._rot8 = rot[:8]
-        self._rot_tw = rot[28:36]
-        self._rect_table = GoertzelBank(self._bank.freqs_hz[:8], HALF_LEN).table
+        # The bank's columns per role of a half-block, as complex bins (see _make_bank):
+        # half b of block (b, b+1): rectangular (12), Hamming(104) first half (8),
+        # Hamming(52) (8); half b+1: the same bins rotated by one half-block (so that the
+        # block's bins are a sum), Hamming(104) second half; half b-1: Hamming(52) only.
+        # The Hamming(52) bins of an earlier half come with the nominal advance taken off.
+        bank = self._bank.table.view(np.complex128)
+        rect, ham52, first, second = bank[:, :12], bank[:, 12:20], bank[:, 20:28], bank[:, 28:]
+        back = ham52 * np.conj(rot[:8])
+        self._table_b = np.hstack([rect, first, ham52, back]).view(np.float64)
+        self._table_c = np.hstack([rect * rot[:12], second * rot[28:], ham52]).view(np.float64)
+        self._table_a = np.ascontiguousarray(back).view(np.float64)
+        # The screen (float32, one row per bin): real and imaginary parts of the 8
+        # rectangular tone bins of a half-block, the same rotated by one half-block, and
+        # the half-block's sum; scaled so that a block's tone reads its energy and its sum
+        # squared is its DC energy.
+        tones = rect[:, :8]
+        scale = np.sqrt(2.0 / BLOCK_LEN)
+        self._screen_table = np.vstack([
+            scale * tones.real.T, scale * tones.imag.T, scale * (tones * rot[:8]).real.T,
+            scale * (tones * rot[:8]).imag.T, np.full((1, HALF_LEN), 1.0 / np.sqrt(BLOCK_LEN)),
+        ]).astype(np.float32)
+        self._ones = np.ones(HALF_LEN, dtype=np.float32)
+        rows = np.arange(MAX_BATCH_HALVES)[:, None]
+        self._rows20, self._rows8 = rows * 20, rows * 8  # row starts in _decide's arrays
         self._rect_gain = _gain_table(np.ones(BLOCK_LEN))
         self._hamming_gain = _gain_table(np.hamming(BLOCK_LEN))
         self._group_base = np.array([0, 4])
-        # radians of half-block phase advance -> relative offset of each of the 8 tones
-        self._tone_hz = self._bank.freqs_hz[:8]
-        self._rel_per_rad = SAMPLE_RATE / (2.0 * np.pi * HALF_LEN * self._bank.freqs_hz[:8])
+        tone_hz = self._bank.freqs_hz[:8]
+        # per tone: radians of half-block phase advance -> relative offset, nominal Hz
+        self._tone_consts = np.column_stack([
+            SAMPLE_RATE / (2.0 * np.pi * HALF_LEN * tone_hz), tone_hz])
+        self._picks = np.array([0, 12, 4])  # _decide: a tone's bin -> its powers' places
         self._peak_factor = _db_to_power(PEAK_MARGIN_DB)
         self._normal_twist = _db_to_power(NORMAL_TWIST_DB)
         self._reverse_twist = _db_to_power(REVERSE_TWIST_DB)
-        self._block_normal_twist = _db_to_power(NORMAL_TWIST_DB + BLOCK_TWIST_SLACK_DB)
-        self._block_reverse_twist = _db_to_power(REVERSE_TWIST_DB + BLOCK_TWIST_SLACK_DB)
+        # a block's limits on (row power / column power, column power / row power)
+        self._block_twist = np.array([_db_to_power(NORMAL_TWIST_DB + BLOCK_TWIST_SLACK_DB),
+                                      _db_to_power(REVERSE_TWIST_DB + BLOCK_TWIST_SLACK_DB)])
         self._harmonic = _db_to_power(MAX_HARMONIC_DB)
         # Batch prescreen on the rectangular bins at nominal frequency: a tone 2.5 % off
         # keeps >= 35 % of its power in the bin. Measured: blocks that pass the purity test
@@ -209,7 +245,7 @@ class DtmfDetector:
         new detector (see the module docstring, "Block grid").
         """
         # Two silent half-blocks precede the stream: every block has a previous pair.
-        self._tail = np.zeros(2 * HALF_LEN, dtype=np.float64)
+        self._tail = np.zeros(2 * HALF_LEN, dtype=np.int16)
         self._tail_start = 0
         self._pending: list[np.ndarray] = []
         self._pending_len = 0
@@ -235,100 +271,138 @@ class DtmfDetector:
 
     # --- block analysis -----------------------------------------------------------
     def _process(self) -> list[DetectorEvent]:
-        buf = np.concatenate([self._tail, *self._pending]).astype(np.float64, copy=False)
+        buf = np.concatenate([self._tail, *self._pending])  # int16: a quarter of float64
         self._pending = []
         self._pending_len = 0
         events: list[DetectorEvent] = []
         while (n_halves := min(len(buf) // HALF_LEN, MAX_BATCH_HALVES)) >= 3:
             halves = buf[: n_halves * HALF_LEN].reshape(n_halves, HALF_LEN)
-            codes = self._classify(halves)
+            hits = self._classify(halves)
             start = self._tail_start + HALF_LEN  # blocks 1 .. n-2 are judged in this batch
             keep = (n_halves - 2) * HALF_LEN  # the last two halves serve the next batch
             buf = buf[keep:]
             self._tail_start += keep
-            events.extend(self._track(start, codes))
+            events.extend(self._track(start, hits))
         self._tail = buf
         return events
 
-    def _classify(self, halves: np.ndarray) -> _Blocks:
-        """Digit code (4 * row + col) per block of halves (b, b+1), b = 1 .. n-2, or -1.
+    def _classify(self, halves: np.ndarray) -> _Hits:
+        """The blocks of halves (b, b+1), b = 1 .. n-2, that hold a digit (see _Hits).
 
-        Every block gets the cheap tests: its level and the batch prescreen on the eight
-        rectangular tone bins (one small matrix product). Only the blocks that pass them
-        (none in silence, a few per second of speech) get the full bank and every other
-        test. The frequency estimate of block b sums the phase-advance products of the half
-        pairs (b-1, b) and (b, b+1): the leakage of the other tone beats away in the sum.
+        Every block gets the cheap tests (:meth:`_screen`): its level, the batch prescreen
+        on the eight rectangular tone bins and their peak test. Only the blocks that pass
+        them (none in silence, a few per second of speech) get the full bank and every
+        other test. The frequency estimate of block b sums the phase-advance products of
+        the half pairs (b-1, b) and (b, b+1): the leakage of the other tone beats away in
+        the sum.
         """
         n_blocks = len(halves) - 2
-        codes = np.full(n_blocks, -1)
-        sums = halves.sum(axis=1)
-        squares = np.einsum("ij,ij->i", halves, halves)
-        block_sum = sums[1:-1] + sums[2:]
-        ac_energy = squares[1:-1] + squares[2:] - block_sum * block_sum / BLOCK_LEN
-        live = ac_energy >= self._ac_floor  # quieter blocks cannot hold two floor-level tones
-        if not live.any():
-            return codes, None
-        r = np.concatenate([halves[i: i + PRODUCT_ROWS] @ self._rect_table
-                            for i in range(0, len(halves), PRODUCT_ROWS)]).view(np.complex128)
-        peaks = _peak_pair(_power(r[1:-1] + r[2:] * self._rot8))
-        idx = np.flatnonzero(live & (peaks * (2.0 / BLOCK_LEN) >= self._prescreen_share
-                                     * ac_energy))
+        idx = self._screen(halves)
         if not len(idx):
-            return codes, None
-        ha, hb, hc = (self._bank.analyse(halves[idx + k]) for k in (0, 1, 2))
-        energy = _power(hb[:, :12] + hc[:, :12] * self._rot)
-        advance = hb[:, 12:20] * np.conj(ha[:, 12:20]) + hc[:, 12:20] * np.conj(hb[:, 12:20])
-        phase = np.angle(advance * self._rot8)
-        tw = _power(hb[:, 20:28] + hc[:, 28:36] * self._rot_tw)
-        ok, tone, freqs_hz, w = self._decide(energy, tw, phase)
-        ok = _purity_test(halves[idx + 1], halves[idx + 2], ok, freqs_hz)
-        codes[idx] = np.where(ok, tone[:, 0] * 4 + tone[:, 1] - 4, -1)
-        powers = np.zeros((n_blocks, 2))
-        powers[idx] = w
-        return codes, powers
+            return n_blocks, [], [], []
+        # halves b-1, b, b+1 of each candidate block, in float64 from here on
+        rows = halves[idx[:, None] + _TRIPLE].astype(np.float64)
+        before = (rows[:, 0] @ self._table_a).view(np.complex128)
+        now = (rows[:, 1] @ self._table_b).view(np.complex128)
+        after = (rows[:, 2] @ self._table_c).view(np.complex128)
+        bins = _power(now[:, :20] + after[:, :20])  # rectangular (12), Hamming(104) (8)
+        advance = now[:, 20:28] * np.conj(before) + after[:, 20:] * np.conj(now[:, 28:])
+        phase = np.arctan2(advance.imag, advance.real)  # off the nominal advance
+        block = rows[:, 1:].reshape(len(idx), BLOCK_LEN)
+        ok, code, freqs_hz, powers, ac_energy = self._decide(bins, phase, block)
+        hit = ok.nonzero()[0]
+        if len(hit):
+            hit = hit[_pure_pair(block[hit], freqs_hz[hit], ac_energy[hit])]
+        return n_blocks, idx[hit].tolist(), code[hit].tolist(), powers[hit].tolist()
 
-    def _decide(self, energy: np.ndarray, tw_energy: np.ndarray, phase: np.ndarray,
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Per block: passes every test but purity; (row, column) tone index, their measured
-        frequencies (Hz) and offset-corrected Hamming powers."""
-        groups = energy[:, :8].reshape(-1, 2, 4)
-        tone = groups.argmax(axis=2) + self._group_base  # (blocks, 2): row, column index
-        at = (np.arange(len(energy))[:, None], tone)
-        e = energy[at]
-        ph = phase[at]
-        rel = ph * self._rel_per_rad[tone]
-        f = self._tone_hz[tone] * (1.0 + rel)
-        w = tw_energy[at] / np.interp(ph, *self._hamming_gain)  # offset-corrected
-        w_row, w_col = w[:, 0], w[:, 1]
-        second = np.sort(groups, axis=2)[:, :, 2]
-        ok = ((np.abs(rel) <= FREQ_TOLERANCE).all(axis=1)
-              & (np.abs(f[:, 1] - 2.0 * f[:, 0]) > OCTAVE_GUARD * f[:, 1])
-              & (second * self._peak_factor <= e).all(axis=1)
-              & (w_row <= w_col * self._block_normal_twist)
-              & (w_col <= w_row * self._block_reverse_twist)
-              & (w.min(axis=1) >= self._tw_floor)
-              & (energy[at[0][:, 0], tone[:, 1] + 4] <= e[:, 1] * self._harmonic))
-        return ok, tone, f, w
+    def _screen(self, halves: np.ndarray) -> np.ndarray:
+        """The blocks that may pass the level test, the prescreen and the peak test.
+
+        All blocks are screened in float32 (half the work of float64); each test is
+        loosened by more than float32 can be off (SCREEN_TOLERANCE), so the screen passes
+        every block that the exact tests in :meth:`_decide` pass. Bins are rows here (one
+        per bin, a column per half-block), so that every step runs along the batch.
+        """
+        h = halves.astype(np.float32)
+        squares = (h * h) @ self._ones
+        energy = squares[1:-1] + squares[2:]
+        if float(energy.max()) * (1.0 + SCREEN_TOLERANCE) < self._ac_floor:
+            return _NONE  # too quiet for two floor-level tones anywhere (AC <= energy)
+        r = self._screen_table @ h.T
+        block_sum = r[32, 1:-1] + r[32, 2:]  # (scaled by 1 / sqrt(BLOCK_LEN))
+        ac_energy = energy - block_sum * block_sum
+        tol = energy * np.float32(SCREEN_TOLERANCE)
+        bins = r[:16, 1:-1] + r[16:32, 2:]  # the blocks' bins: re of 8 tones, then im
+        bins *= bins
+        tones = bins[:8] + bins[8:]  # |X|^2 * 2 / BLOCK_LEN: a pure tone reads its energy
+        peaks = np.maximum.reduce(tones[:4]) + np.maximum.reduce(tones[4:])
+        cand = ac_energy + tol >= self._ac_floor
+        cand &= peaks + tol >= np.float32(self._prescreen_share) * ac_energy
+        idx = cand.nonzero()[0]
+        if len(idx):  # the peak test
+            groups = tones[:, idx].T.reshape(-1, 2, 4)
+            groups.sort(axis=2)
+            passed = groups[:, :, 2] * np.float32(self._peak_factor) <= groups[:, :, 3] + (
+                tol[idx, None] * np.float32(2.0))  # (tol in |bin|^2 units: x 2)
+            idx = idx[passed[:, 0] & passed[:, 1]]
+        return idx
+
+    def _decide(self, bins: np.ndarray, phase: np.ndarray, block: np.ndarray,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per block: passes every test but purity; its digit code, the measured tone
+        frequencies (Hz), offset-corrected Hamming powers and AC energy.
+
+        ``bins``: per block the powers of the 12 rectangular bins and 8 Hamming(104) tone
+        bins; ``phase``: the 8 tones' half-block phase advance; ``block``: the samples.
+        """
+        n = len(bins)
+        groups = bins[:, :8].reshape(n, 2, 4)
+        pick = groups.argmax(axis=2)  # (blocks, 2): the row and the column in its group
+        tone = pick + self._group_base
+        # per tone: rectangular power, Hamming(104) power, 2nd harmonic's rectangular power
+        # (meaningful for the column), frequency offset per radian, nominal frequency
+        picked = bins.ravel()[(self._rows20[:n] + tone)[:, :, None] + self._picks]
+        e = picked[:, :, 0]
+        consts = self._tone_consts[tone]
+        per_rad, nominal = consts[:, :, 0], consts[:, :, 1]
+        ph = phase.ravel()[self._rows8[:n] + tone]
+        rel = ph * per_rad
+        f = nominal * (1.0 + rel)
+        w = picked[:, :, 1] / np.interp(ph, *self._hamming_gain)  # offset-corrected
+        ordered = groups.copy()  # (ndarray methods: no Python-level numpy wrappers here)
+        ordered.sort(axis=2)
+        second = ordered[:, :, 2]
+        # per tone: frequency, other bins of its group, level, twist against the other tone
+        each = np.abs(rel) <= FREQ_TOLERANCE
+        each &= second * self._peak_factor <= e
+        each &= w >= self._tw_floor
+        each &= w <= w[:, ::-1] * self._block_twist
+        total = np.add.reduce(block, axis=1)
+        ac_energy = np.add.reduce(block * block, axis=1) - total * total / BLOCK_LEN
+        ok = each[:, 0] & each[:, 1]
+        ok &= np.abs(f[:, 1] - 2.0 * f[:, 0]) > OCTAVE_GUARD * f[:, 1]
+        ok &= picked[:, 1, 2] <= e[:, 1] * self._harmonic  # the column's 2nd harmonic
+        ok &= ac_energy >= self._ac_floor  # the screen's level test and prescreen, exactly
+        ok &= e[:, 0] + e[:, 1] >= (self._prescreen_share * BLOCK_LEN / 2.0) * ac_energy
+        return ok, pick[:, 0] * 4 + pick[:, 1], f, w, ac_energy
 
     # --- duration state machine -------------------------------------------------
-    def _track(self, start: int, blocks: _Blocks) -> list[DetectorEvent]:
+    def _track(self, start: int, hits: _Hits) -> list[DetectorEvent]:
         """Walk the passing blocks; the failed blocks between them count as misses."""
         events: list[DetectorEvent] = []
-        codes, powers = blocks
+        n_blocks, blocks, codes, powers = hits
         last = -1  # the block walked last
-        for i in np.flatnonzero(codes >= 0).tolist():
+        for i, code, (row_power, col_power) in zip(blocks, codes, powers, strict=True):
             events.extend(self._miss(i - last - 1))
             last = i
-            code = int(codes[i])
             block_start = start + i * HALF_LEN
-            row_power, col_power = powers[i].tolist()  # type: ignore[index]
             run = self._run
             if run is not None and run.code == code:
                 run.hit(block_start, row_power, col_power)
             else:
                 events.extend(self._finish_run())
                 self._run = _Run(code, block_start, row_power, col_power)
-        events.extend(self._miss(len(codes) - last - 1))
+        events.extend(self._miss(n_blocks - last - 1))
         return events
 
     def _miss(self, n_blocks: int) -> list[DetectorEvent]:
@@ -382,48 +456,46 @@ def _gain_table(window: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return phase, np.maximum(np.abs(kernel / window.sum()) ** 2, 0.3)
 
 
-def _purity_test(first: np.ndarray, second: np.ndarray, ok: np.ndarray,
-                 freqs_hz: np.ndarray) -> np.ndarray:
-    """``ok`` narrowed to the blocks whose fitted tone pair explains enough of their energy.
-
-    Run only on the blocks that passed every other test (a few per second of speech).
-    Block i is made of the half-blocks ``first[i]`` and ``second[i]``.
-    """
-    idx = np.flatnonzero(ok)
-    if len(idx):
-        blocks = np.concatenate([first[idx], second[idx]], axis=1)
-        ok[idx] = _pair_share(blocks, freqs_hz[idx]) >= MIN_TONE_ENERGY_SHARE
-    return ok
-
-
-def _pair_share(blocks: np.ndarray, freqs_hz: np.ndarray) -> np.ndarray:
-    """Share of each block's AC energy that two sinusoids at ``freqs_hz`` (blocks, 2) explain.
+def _pure_pair(blocks: np.ndarray, freqs_hz: np.ndarray, ac_energy: np.ndarray,
+               ) -> np.ndarray:
+    """Per block: two sinusoids at ``freqs_hz`` (blocks, 2) explain at least
+    MIN_TONE_ENERGY_SHARE of its AC energy (``ac_energy``).
 
     A least-squares fit of cos and sin at both measured frequencies (DC removed): unlike two
     rectangular DFT bins, which leak into each other and lose energy off their centre (a
     pure pair reads 0.81 .. 1.08 of its energy), the fit reads a pure pair as 1.0 at any
     offset and phase, so the talk-off limit can sit close to it.
+
+    With the block's time axis centred, the cosines are even and the sines odd, so the fit
+    splits in two: the cosines (their mean removed) fit the block's even part, the sines
+    its odd part, each a 2 x 2 system solved in closed form; both are computed on one half
+    of the block, exp(j w n) by a running product.
     """
-    n = np.arange(BLOCK_LEN) - (BLOCK_LEN - 1) / 2.0  # centred: cos and sin near-orthogonal
-    arg = (2.0 * np.pi / SAMPLE_RATE) * freqs_hz[:, :, None] * n
-    basis = np.concatenate([np.cos(arg), np.sin(arg)], axis=1)  # (blocks, 4, BLOCK_LEN)
-    basis -= basis.mean(axis=2, keepdims=True)
-    x = blocks - blocks.mean(axis=1, keepdims=True)
-    proj = basis @ x[:, :, None]
-    coef = np.linalg.solve(basis @ basis.transpose(0, 2, 1), proj)
-    captured = (coef * proj).sum(axis=(1, 2))
-    return captured / np.maximum(np.einsum("ij,ij->i", x, x), 1e-12)
+    half = BLOCK_LEN // 2
+    step = (2.0 * np.pi / SAMPLE_RATE) * freqs_hz  # radians per sample
+    wave = np.empty((len(step), 2, half), dtype=np.complex128)  # exp(j w n), n = 0.5, 1.5..
+    wave[...] = np.exp(1j * step)[:, :, None]
+    wave[:, :, 0] = np.exp(0.5j * step)
+    np.multiply.accumulate(wave, axis=2, out=wave)  # (numpy's complex exp is slow)
+    basis = np.empty((len(step), 2, 2, half))  # (blocks, cos / sin, f1 / f2, n)
+    basis[:, 0] = wave.real
+    basis[:, 1] = wave.imag
+    cos = basis[:, 0]
+    cos -= np.add.reduce(cos, axis=2, keepdims=True) / half  # (the sines' mean is 0)
+    later, earlier = blocks[:, half:], blocks[:, half - 1::-1]
+    parts = np.empty((len(blocks), 2, half, 1))  # twice the even and the odd part of x
+    np.add(later, earlier, out=parts[:, 0, :, 0])
+    np.subtract(later, earlier, out=parts[:, 1, :, 0])
+    proj = (basis @ parts)[..., 0]  # (blocks, 2, 2): x against each basis function
+    gram = basis @ basis.swapaxes(2, 3)  # (blocks, 2, 2, 2): half of each 2 x 2 system
+    a, b, d = gram[..., 0, 0], gram[..., 0, 1], gram[..., 1, 1]
+    u, v = proj[..., 0], proj[..., 1]
+    captured = np.add.reduce((d * u * u - 2.0 * b * u * v + a * v * v) / (a * d - b * b),
+                             axis=1)  # twice the fitted energy
+    return captured >= (2.0 * MIN_TONE_ENERGY_SHARE) * ac_energy
 
 
 def _power(x: np.ndarray) -> np.ndarray:
     """|x|^2 of a complex array without a temporary complex product."""
     re, im = x.real, x.imag  # (numpy reductions over a length-2 axis are slow)
     return re * re + im * im
-
-
-def _peak_pair(energy: np.ndarray) -> np.ndarray:
-    """Strongest row bin + strongest column bin of each block's 8 tone energies."""
-    e = energy.T
-    rows = np.maximum(np.maximum(e[0], e[1]), np.maximum(e[2], e[3]))
-    cols = np.maximum(np.maximum(e[4], e[5]), np.maximum(e[6], e[7]))
-    return rows + cols

@@ -19,6 +19,8 @@ from drivers.dsp.callerid import (
 )
 from drivers.dsp.events import CallerId, DtmfDigit
 from drivers.dsp.fsk import FskDemodulator, Uart8N1, UartByte
+from drivers.sim import synth
+from drivers.sim.backend import FAR_SPEECH_DBFS, NEAR_SPEECH_DBFS
 from tests.drivers.dsp import vectors as v
 
 FULL = v.mdmf([(0x01, b"11221530"), (0x02, b"5551234567"), (0x07, b"JOHN DOE")])
@@ -370,3 +372,75 @@ def test_a_timeline_jump_still_delivers_a_message_that_ended_before_it() -> None
     events = det.feed(0, pcm)
     events += det.feed(len(pcm) + 8000, np.zeros(160, dtype=np.int16))
     assert len(events) == 1 and isinstance(events[0], CallerId) and is_full(events[0])
+
+
+# --- the demodulator's gate --------------------------------------------------------------
+
+def test_a_non_ascii_digit_in_the_date_is_a_rejected_message() -> None:
+    """Latin-1 '¹' (0xB9) passes the character check and str.isdigit(), not int()."""
+    with pytest.raises(CallerIdMessageError, match="MMDDHHMM"):
+        parse_cid_message(v.mdmf([(0x01, "0106¹200".encode("latin-1")),
+                                  (0x02, b"5551234567")]))
+
+
+@pytest.mark.parametrize(("voice", "seed", "level_dbfs"),
+                         [("dealer", 7, NEAR_SPEECH_DBFS), ("customer", 8, FAR_SPEECH_DBFS)])
+def test_speech_is_not_demodulated_but_a_burst_after_it_is(voice: str, seed: int,
+                                                           level_dbfs: float) -> None:
+    """Voiced speech passes the gate's 7-sample carrier test for tens of ms at a time; it
+    holds no steady mark tone, so none of it reaches the demodulator. A burst does."""
+    speech = synth.to_pcm16(synth.speech_like(20.0, voice, np.random.default_rng(seed),
+                                              level_dbfs))
+    pad = np.zeros(800, dtype=np.int16)
+    demod = FskDemodulator(1250.0, 2150.0, gate_marks_hz=(1200.0, 1300.0))
+    assert demod.demodulate_spans(np.concatenate([pad, speech, pad])) == []
+    burst = v.to_int16(v.cid_burst(FULL, v.V23))
+    demod.reset()
+    spans = demod.demodulate_spans(np.concatenate([pad, speech, burst]))
+    start = len(pad) + len(speech) + v.samples(0.2)  # where the burst's carrier begins
+    assert [(a <= start and a + len(levels) >= start + v.samples(0.3))
+            for a, levels, _ in spans] == [True]
+    (e,) = decode(np.concatenate([speech.astype(float), v.cid_burst(FULL, v.V23)]))
+    assert is_full(e) and e.standard == "v23"
+
+
+def fsk_tilted(bits: list[int], mark_space: tuple[float, float], level_dbfs: float,
+               space_db: float, offset: float) -> np.ndarray:
+    """Phase-continuous FSK with the space tone ``space_db`` against the mark (a sloped
+    line) and both tones ``offset`` (relative) off their nominal frequencies."""
+    n = int(np.ceil(len(bits) * v.RATE / v.BAUD))
+    bit = np.asarray(bits)[np.minimum((np.arange(n) * v.BAUD / v.RATE).astype(int),
+                                      len(bits) - 1)]
+    freq = np.where(bit == 1, mark_space[0], mark_space[1]) * (1.0 + offset)
+    amp = np.where(bit == 1, 1.0, 10.0 ** (space_db / 20.0))
+    return v.amplitude(level_dbfs) * amp * np.sin(2 * np.pi * np.cumsum(freq) / v.RATE)
+
+
+@pytest.mark.parametrize("mark_space", [v.BELL202, v.V23])
+@pytest.mark.parametrize("space_db", [-6.0, 6.0])
+@pytest.mark.parametrize("offset", [-0.02, 0.02])
+def test_tilt_offset_and_noise_together(mark_space: tuple[float, float], space_db: float,
+                                        offset: float) -> None:
+    """The gate's mark test holds for a mark 2 % off on a sloped, noisy line."""
+    seizure = 300 if mark_space == v.BELL202 else 0
+    bits = v.cid_bits(FULL, seizure_bits=seizure, mark_bits=80)
+    burst = fsk_tilted(bits, mark_space, -20.0 - max(space_db, 0.0), space_db, offset)
+    x = v.with_snr(np.concatenate([v.silence(0.2), burst, v.silence(0.2)]), 20.0, 1,
+                   reference=burst)
+    (e,) = decode(x, ("bell202", "v23"))
+    assert is_full(e)
+
+
+def test_a_burst_starting_anywhere_around_a_batch_boundary() -> None:
+    """Live batches (640 samples) and one batch give the same caller ID and carrier start
+    wherever the carrier begins against the batch edges (the gate holds a stretch at a
+    batch's end until the next batch shows whether a carrier goes on)."""
+    bits = v.cid_bits(FULL, seizure_bits=0, mark_bits=60)
+    burst = v.fsk(bits, v.V23, level_dbfs=-30.0)
+    for lead in range(560, 720, 9):
+        x = v.with_snr(np.concatenate([np.zeros(lead), burst, v.silence(0.2)]), 15.0, lead,
+                       reference=burst)
+        live = decode(x, ("bell202", "v23"))
+        whole = decode(x, ("bell202", "v23"), frame=len(x) + 1600)
+        assert live == whole and len(live) == 1 and is_full(live[0]), lead
+        assert abs(live[0].sample - lead) <= 16, lead  # (noise moves the onset a little)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from drivers.dsp import dtmf as dtmf_module
 from drivers.dsp.dtmf import BLOCK_LEN, HALF_LEN, DtmfDetector
 from drivers.dsp.events import DtmfDigit
 from drivers.dsp.goertzel import GoertzelBank
@@ -363,3 +364,83 @@ def test_agrees_with_multimon_ng_on_clean_strings(tmp_path: Path) -> None:
                      if line.startswith("DTMF:"))
     assert theirs == text
     assert digits(x) == text
+
+
+# --- the float32 screen and the purity fit --------------------------------------------
+
+def exact_screen(det: DtmfDetector, halves: np.ndarray) -> np.ndarray:
+    """Per block of halves (b, b+1), b = 1 .. n-2: passes the level test, the prescreen
+    and the peak test, in float64 as _decide makes them."""
+    x = halves.astype(np.float64)
+    freqs = (*v.ROW_HZ, *v.COL_HZ)
+    bins = x @ np.exp(-2j * np.pi * np.outer(np.arange(HALF_LEN), freqs) / v.RATE)
+    rot = np.exp(-2j * np.pi * np.array(freqs) * HALF_LEN / v.RATE)
+    power = np.abs(bins[1:-1] + bins[2:] * rot) ** 2
+    sums, squares = x.sum(axis=1), (x * x).sum(axis=1)
+    ac = squares[1:-1] + squares[2:] - (sums[1:-1] + sums[2:]) ** 2 / BLOCK_LEN
+    groups = np.sort(power.reshape(-1, 2, 4), axis=2)
+    return ((ac >= det._ac_floor)
+            & (groups[:, :, 3].sum(axis=1) >= det._prescreen_share * BLOCK_LEN / 2 * ac)
+            & (groups[:, :, 2] * det._peak_factor <= groups[:, :, 3]).all(axis=1))
+
+
+def just_passing(det: DtmfDetector, make: object, block: int) -> np.ndarray:
+    """Halves from ``make(t)`` (t in 0 .. 1; block ``block`` passes exact_screen at 0, fails
+    at 1) with t bisected until the block passes by a hair."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if exact_screen(det, make(mid))[block] else (lo, mid)  # type: ignore[operator]
+    halves = make(lo)  # type: ignore[operator]
+    assert exact_screen(det, halves)[block]
+    return halves
+
+
+@pytest.mark.parametrize("digit", "159#")
+@pytest.mark.parametrize("phase", [0, 17, 35])
+def test_the_float32_screen_passes_blocks_right_at_the_exact_limits(digit: str,
+                                                                  phase: int) -> None:
+    """The screen runs in float32 with a margin; a block that the exact tests pass by a
+    hair at the level floor, the prescreen limit or the peak margin must pass it too."""
+    det = DtmfDetector()
+    f_row, f_col = v.dtmf_freqs(digit)
+    t = (np.arange(6 * HALF_LEN) + phase) / v.RATE
+    pair = np.sin(2 * np.pi * f_row * t + 0.4) + 0.8 * np.sin(2 * np.pi * f_col * t + 1.1)
+    noise = np.random.default_rng(phase).normal(size=len(t))
+    other_row = v.ROW_HZ[(v.ROW_HZ.index(f_row) + 1) % 4]
+    third = np.sin(2 * np.pi * other_row * t + 2.0)
+    floor_scale = np.sqrt(det._ac_floor / 104.0)  # amplitude of a floor-level pair, roughly
+
+    def level(s: float) -> np.ndarray:  # quieter and quieter
+        return (pair * floor_scale * (1.2 - 0.4 * s) + 3.0).reshape(-1, HALF_LEN)
+
+    def prescreen(s: float) -> np.ndarray:  # more and more noise
+        return ((pair + 3.0 * s * noise) * 2000.0).reshape(-1, HALF_LEN)
+
+    def peak(s: float) -> np.ndarray:  # a third tone in the row group, louder and louder
+        return ((pair + 1.2 * s * third) * 2000.0).reshape(-1, HALF_LEN)
+
+    for make in (level, prescreen, peak):
+        halves = just_passing(det, make, 2)
+        assert 2 in det._screen(halves).tolist(), make.__name__
+
+
+def test_the_purity_fit_splits_exactly_at_its_limit() -> None:
+    """A tone pair plus a residual orthogonal to it (and to DC) holding exactly the rest of
+    the energy: the fit's share is the pair's, so the limit splits 0.92 -+ 1e-6."""
+    rng = np.random.default_rng(4)
+    n = np.arange(BLOCK_LEN)
+    for digit in ALL_DIGITS:
+        freqs = np.array(v.dtmf_freqs(digit)) * (1.0 + rng.uniform(-0.02, 0.02, 2))
+        basis = np.column_stack([np.ones(BLOCK_LEN)] + [
+            fn(2 * np.pi * f * n / v.RATE) for f in freqs for fn in (np.cos, np.sin)])
+        pair = basis[:, 1:] @ rng.normal(size=4) * 1000.0 + 5.0
+        noise = rng.normal(size=BLOCK_LEN)
+        residual = noise - basis @ np.linalg.lstsq(basis, noise, rcond=None)[0]
+        ac_pair = np.sum((pair - pair.mean()) ** 2)
+        for share, expected in ((0.92 + 1e-6, True), (0.92 - 1e-6, False)):
+            scale = np.sqrt(ac_pair * (1.0 - share) / share / np.sum(residual ** 2))
+            block = pair + scale * residual
+            ac = np.sum((block - block.mean()) ** 2)
+            got = dtmf_module._pure_pair(block[None, :], freqs[None, :], np.array([ac]))
+            assert got.tolist() == [expected], (digit, share)

@@ -7,6 +7,7 @@ the file, the key and what was expected. The file is parsed, never executed.
 from __future__ import annotations
 
 import re
+import threading
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -234,12 +235,20 @@ def msgspec_error_key(message: str) -> tuple[str, str]:
 T = TypeVar("T")
 
 
+# msgspec builds a type's conversion info on its first use; two threads doing that for
+# the same types at once (the recorder and the sync agent loading the policy file in the
+# demo) crashed the process with SIGSEGV under load. Conversions are rare (files loaded at
+# start and on updates), so they take turns.
+_CONVERT_LOCK = threading.Lock()
+
+
 def convert_checked(raw: Any, kind: type[T], source: str, *,
                     error: type[Exception] = ConfigError, prefix: str = "") -> T:
     """``msgspec.convert`` (strict) with a one-line ``SOURCE: key: what`` error of type
     ``error``; ``prefix`` is the key path of ``raw`` inside its file."""
     try:
-        return msgspec.convert(raw, kind, strict=True)
+        with _CONVERT_LOCK:
+            return msgspec.convert(raw, kind, strict=True)
     except msgspec.ValidationError as exc:
         key, what = msgspec_error_key(str(exc))
         if prefix:

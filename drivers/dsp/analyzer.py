@@ -73,8 +73,13 @@ class LineAnalyzer:
         return events
 
     def finish(self, sample: int) -> list[DetectorEvent]:
-        """End of input (a file) at line ``sample``: report what is still open."""
-        events = self._digits(self._dtmf.feed(sample, np.zeros(DTMF_FLUSH_SAMPLES, np.int16)))
+        """End of input (a file) at line ``sample``: report what is still open (a caller
+        ID or a digit in the last, partial batch too)."""
+        silence = np.zeros(DTMF_FLUSH_SAMPLES, np.int16)
+        events = self._digits(self._dtmf.feed(sample, silence))
+        if self._fsk_cid is not None and self._off_hook is not True:
+            events += self._fsk_cid.feed(sample, silence)
+            events += self._fsk_cid.flush()
         events += self._progress.flush()
         return sorted(events, key=lambda e: e.sample)
 

@@ -425,6 +425,10 @@ class CallerIdDetector:
                         events.append(cid)
         return events
 
+    def flush(self) -> list[DetectorEvent]:
+        """End of input: decode what is still buffered (a message may end in it)."""
+        return self._flush_fsk()
+
     def _flush_fsk(self) -> list[DetectorEvent]:
         """Decode what is buffered (a message may end in it) before the timeline breaks."""
         if self._demod is None or not self._pending:

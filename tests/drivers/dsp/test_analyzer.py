@@ -303,3 +303,17 @@ def test_file_batches_hear_exactly_what_the_live_line_hears(scenario: str) -> No
     file_events = analyse(file, pcm, frame=FILE_BATCH_SAMPLES)
     assert live_events, "the scenario should produce events"
     assert _records(file_events) == _records(live_events)
+
+
+@pytest.mark.parametrize("tail_s", [0.0, 0.05, 3.0])
+def test_a_caller_id_in_the_last_partial_batch_of_a_file_is_reported(tail_s: float) -> None:
+    """A file that ends within 10 s after an FSK caller ID (less than one file batch, or
+    right at the burst's end) still reports it at finish."""
+    message = vectors.sdmf("11221830", "5551234567")
+    audio = np.concatenate([vectors.silence(0.5), vectors.cid_burst(message),
+                            vectors.silence(tail_s)])
+    pcm = vectors.to_int16(audio)
+    analyzer = LineAnalyzer("US", batch_samples=FILE_BATCH_SAMPLES)
+    events = analyzer.feed(0, pcm) + analyzer.finish(len(pcm))
+    found = [e for e in events if isinstance(e, CallerId)]
+    assert [(e.number, e.standard) for e in found] == [("5551234567", "bell202")]

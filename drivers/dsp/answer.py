@@ -154,7 +154,9 @@ class AnswerDetector:
         start = self._pending_start
         self._pending, self._pending_len = [], 0
         self._pending_start = start + len(pcm)
-        inner = self.tones.feed(start, pcm) + self.voice.feed(start, pcm)
+        # the VAD's frames are the tone detector's blocks (both 20 ms from ``start``)
+        voice = self.voice.feed(start, pcm)
+        inner = self.tones.feed(start, pcm, blocks=self.voice.last_audio) + voice
         events = self._inner(inner)
         if self.state != ANSWERED and self.voice.last_frames is not None:
             events += self._update(self.voice.last_frames)

@@ -233,13 +233,16 @@ class _BlockAnalyser:
         amp = FULL_SCALE * 10.0 ** (MIN_TONE_DBFS / 20.0)
         self._floor = BLOCK_LEN * amp * amp / 2.0  # energy of a floor-level sine
 
-    def analyse(self, blocks: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-        """(chosen group per block, AC energy per block) of float64 ``blocks``.
+    def analyse(self, blocks: np.ndarray, ac: np.ndarray | None = None,
+                ) -> tuple[np.ndarray | None, np.ndarray]:
+        """(chosen group per block, AC energy per block) of float64 ``blocks``; ``ac``: the
+        AC energies if already known (computed exactly as here).
 
         The first value is None when no block holds a tone (the common case: speech,
         silence), so callers can skip their per-group work."""
-        sums = blocks.sum(axis=1)
-        ac = np.einsum("ij,ij->i", blocks, blocks) - sums * sums / BLOCK_LEN
+        if ac is None:
+            sums = blocks.sum(axis=1)
+            ac = np.einsum("ij,ij->i", blocks, blocks) - sums * sums / BLOCK_LEN
         if float(ac.max()) < self._floor:
             return None, ac
         y = blocks @ self._matrix
@@ -714,8 +717,15 @@ class ToneDetector:
         off is reported, and ends where the digit starts."""
         bisect.insort(self._digits, sample)
 
-    def feed(self, sample: int, pcm: np.ndarray) -> list[DetectorEvent]:
-        """Consume ``pcm`` (int16, 8 kHz) starting at line sample ``sample``."""
+    def feed(self, sample: int, pcm: np.ndarray, *,
+             blocks: tuple[int, np.ndarray, np.ndarray] | None = None,
+             ) -> list[DetectorEvent]:
+        """Consume ``pcm`` (int16, 8 kHz) starting at line sample ``sample``.
+
+        ``blocks``: the same audio already cut into float64 blocks on this detector's grid,
+        with their AC energies (a :class:`~drivers.dsp.vad.VoiceDetector`'s ``last_audio``:
+        its frames are these blocks): used instead of cutting them again when they are
+        exactly what this call analyses."""
         events: list[DetectorEvent] = []
         self.last_blocks = None
         if self._next_sample is not None and sample != self._next_sample:
@@ -727,7 +737,7 @@ class ToneDetector:
         self._pending.append(np.asarray(pcm))
         self._pending_len += len(pcm)
         if self._pending_len >= self._batch_samples:
-            events += self._process()
+            events += self._process(blocks)
         return events
 
     def flush(self) -> list[DetectorEvent]:
@@ -767,17 +777,25 @@ class ToneDetector:
         """Line sample up to which audio has been analysed."""
         return self._block_start
 
-    def _process(self) -> list[DetectorEvent]:
+    def _process(self, shared: tuple[int, np.ndarray, np.ndarray] | None = None,
+                 ) -> list[DetectorEvent]:
         if not self._pending:
             return []
-        buf = np.concatenate(self._pending).astype(np.float64, copy=False)
-        n_blocks = len(buf) // BLOCK_LEN
-        used = n_blocks * BLOCK_LEN
-        self._pending = [buf[used:]] if used < len(buf) else []
-        self._pending_len = len(buf) - used
-        if n_blocks == 0:
-            return []
-        chosen, ac = self._analyser.analyse(buf[:used].reshape(n_blocks, BLOCK_LEN))
+        if (shared is not None and len(self._pending) == 1 and shared[0] == self._block_start
+                and shared[1].shape[1:] == (BLOCK_LEN,)
+                and len(shared[1]) * BLOCK_LEN == len(self._pending[0])):
+            n_blocks, used = len(shared[1]), len(self._pending[0])
+            self._pending, self._pending_len = [], 0
+            chosen, ac = self._analyser.analyse(shared[1], shared[2])
+        else:
+            buf = np.concatenate(self._pending).astype(np.float64, copy=False)
+            n_blocks = len(buf) // BLOCK_LEN
+            used = n_blocks * BLOCK_LEN
+            self._pending = [buf[used:]] if used < len(buf) else []
+            self._pending_len = len(buf) - used
+            if n_blocks == 0:
+                return []
+            chosen, ac = self._analyser.analyse(buf[:used].reshape(n_blocks, BLOCK_LEN))
         start, self._block_start = self._block_start, self._block_start + used
         self.last_blocks = BlockTones(start, n_blocks, chosen)
         events: list[DetectorEvent] = []

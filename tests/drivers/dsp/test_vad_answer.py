@@ -16,8 +16,17 @@ import pytest
 
 from drivers.dsp.answer import ANSWERED, RINGBACK, WAITING, AnswerDetector
 from drivers.dsp.events import Answer, DetectorEvent, Tone, Voice
-from drivers.dsp.tones import CallProgressConfigError
-from drivers.dsp.vad import FLOOR_WINDOW_S, FRAME_LEN, SPECTRUM_ROWS, VoiceDetector
+from drivers.dsp.tones import CallProgressConfigError, ToneDetector
+from drivers.dsp.vad import (
+    FLOOR_WINDOW_S,
+    FRAME_LEN,
+    LOW_CUT_BINS,
+    PEAK_HALF_WIDTH,
+    SPECTRUM_ROWS,
+    TONAL_SHARE,
+    VoiceDetector,
+    _Spectra,
+)
 from drivers.sim import synth
 from drivers.sim.backend import render
 from drivers.sim.scenario import load_scenario, parse_scenario
@@ -473,3 +482,73 @@ def test_answer_rejects_bad_config() -> None:
         AnswerDetector("ZZ")
     with pytest.raises(CallProgressConfigError, match="batch_samples"):
         AnswerDetector("DE", batch_samples=10)
+
+
+def reference_share(frames: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The tonality share of each window, one window at a time (the plain definition)."""
+    window = np.hanning(2 * FRAME_LEN + 2)[1:-1]
+    out = []
+    for i in rows:
+        spec = np.fft.rfft(np.concatenate([frames[i], frames[i + 1]]) * window)
+        power = spec.real * spec.real + spec.imag * spec.imag
+        power[:LOW_CUT_BINS] = 0.0
+        total = power.sum() + 1e-9
+        share = 0.0
+        for _ in range(2):
+            peak = int(power.argmax())
+            lo, hi = max(peak - PEAK_HALF_WIDTH, 0), peak + PEAK_HALF_WIDTH + 1
+            share += power[lo:hi].sum()
+            power[lo:hi] = 0.0
+        out.append(share / total)
+    return np.array(out)
+
+
+def test_tonality_share_matches_its_plain_definition() -> None:
+    """Silent windows, a tone on the lowest and on the highest bin counted, pairs, speech
+    and noise: the batched share picks the same peaks as the plain definition."""
+    rng = np.random.default_rng(5)
+    t = np.arange(2 * FRAME_LEN) / RATE
+    windows = [np.zeros(2 * FRAME_LEN), np.full(2 * FRAME_LEN, 300.0)]
+    windows += [8000.0 * np.sin(2 * np.pi * f * t) for f in (100.0, 425.0, 3950.0, 3975.0)]
+    windows += [4000.0 * (np.sin(2 * np.pi * 697.0 * t) + np.sin(2 * np.pi * 1209.0 * t))]
+    windows += [rng.normal(0.0, 500.0, 2 * FRAME_LEN) for _ in range(4)]
+    windows += list(babble(0.2, rng).reshape(-1, 2 * FRAME_LEN))
+    frames = np.concatenate(windows).reshape(-1, FRAME_LEN)
+    rows = np.arange(len(frames) - 1)
+    got = _Spectra().share(frames, rows)
+    want = reference_share(frames, rows)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=0.0)
+    assert np.array_equal(got >= TONAL_SHARE, want >= TONAL_SHARE)
+    assert (want[[4, 6, 8, 10, 12]] >= TONAL_SHARE).all()  # the tones and the pair
+    assert want[0] == 0.0  # silence
+
+
+def test_tone_detector_uses_the_vads_frames_only_when_they_fit() -> None:
+    """The answer detector hands the VAD's frames and energies to the tone detector: the
+    tones found are those of a lone tone detector; frames of another stretch are ignored;
+    frames that fit are used as given."""
+    rng = np.random.default_rng(9)
+    pcm = to_pcm(ringback_then("DE", rng, babble(2.0, rng)))
+    names = ("lone", "shared", "late", "short", "forged")
+    det = {name: ToneDetector("DE", batch_samples=1) for name in names}
+    vad = VoiceDetector(batch_samples=1)
+    events: dict[str, list[DetectorEvent]] = {name: [] for name in names}
+    batch = 3200
+    for i in range(0, len(pcm) - batch + 1, batch):
+        piece = pcm[i:i + batch]
+        vad.feed(i, piece)
+        audio = vad.last_audio
+        assert audio is not None and audio[0] == i and len(audio[1]) == batch // FRAME_LEN
+        quiet = np.zeros(len(audio[2]))  # forged energies: nothing is loud enough for a tone
+        events["lone"] += det["lone"].feed(i, piece)
+        events["shared"] += det["shared"].feed(i, piece, blocks=audio)
+        events["late"] += det["late"].feed(i, piece, blocks=(i + FRAME_LEN, audio[1], quiet))
+        events["short"] += det["short"].feed(i, piece, blocks=(i, audio[1][1:], quiet[1:]))
+        events["forged"] += det["forged"].feed(i, piece, blocks=(i, audio[1], quiet))
+    assert any(isinstance(e, Tone) and e.tone == "ringback" for e in events["lone"])
+    assert events["shared"] == events["lone"]
+    assert events["late"] == events["lone"] and events["short"] == events["lone"]
+    assert events["forged"] == []  # used as given
+    answer = AnswerDetector("DE", report_inner=True, batch_samples=batch)
+    got = run(answer, pcm[:len(pcm) // batch * batch], frame=batch)
+    assert [e for e in got if isinstance(e, Tone)] == events["lone"]

@@ -194,34 +194,48 @@ class ObjectStore:
     def commit(self) -> None:
         """Make the chunks written so far durable, then count them held. May run on
         another thread than :meth:`append` (one commit at a time); chunks appended
-        meanwhile wait for the next commit. A failed fdatasync drops every unsynced record
-        of its parts (cut off: never held, the device sends them again)."""
+        meanwhile wait for the next commit. A part that is gone (another worker stored the
+        recording or began it again) loses its unsynced records and nothing else; a failed
+        fdatasync drops every unsynced record of its part (cut off: never held, the device
+        sends them again) and is raised after the other parts are counted."""
         with self._commit_lock:
             with self._lock:
                 pending = list(self._unsynced)
-            paths = list(dict.fromkeys(path for path, *_ in pending))
-            try:
-                for path in paths:
+            failed: set[Path] = set()
+            error: OSError | None = None
+            for path in dict.fromkeys(path for path, *_ in pending):
+                try:
                     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-                    try:
-                        os.fdatasync(fd)
-                    finally:
-                        os.close(fd)
-            except OSError:
-                with self._lock:
-                    self._drop_unsynced(set(paths))
-                raise
+                except FileNotFoundError:
+                    failed.add(path)
+                    continue
+                try:
+                    os.fdatasync(fd)
+                except OSError as exc:
+                    failed.add(path)
+                    error = exc
+                finally:
+                    os.close(fd)
             with self._lock:  # appends only add at the end: the first len(pending) are ours
                 del self._unsynced[:len(pending)]
                 for path, at, held in pending:
                     view = self._views.get(path)
-                    if view is not None and view.pos == at:  # else `held` reads it back
-                        view.pos = at + RECORD.size
-                        view.ranges = p.add_range(view.ranges, held)
+                    if path in failed or view is None or view.pos != at:
+                        continue  # else `held` reads it back
+                    view.pos = at + RECORD.size
+                    view.ranges = p.add_range(view.ranges, held)
+                if failed:
+                    self._drop_unsynced(failed, [e for e in pending if e[0] in failed])
+        if error is not None:
+            raise error
 
-    def _drop_unsynced(self, paths: set[Path]) -> None:
+    def _drop_unsynced(self, paths: set[Path],
+                       synced: list[tuple[Path, int, p.Range]]) -> None:
+        """Cut the parts ``paths`` back to before their first record of ``synced`` (the
+        failed commit's) and forget their later unsynced records too."""
+        entries = synced + [entry for entry in self._unsynced if entry[0] in paths]
         for path in paths:
-            first = min(at for where, at, _ in self._unsynced if where == path)
+            first = min(at for where, at, _ in entries if where == path)
             with contextlib.suppress(OSError):
                 os.truncate(path, first)
             own = self._own.get(path)

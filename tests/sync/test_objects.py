@@ -126,3 +126,18 @@ def test_a_replaced_upload_is_read_from_its_start(tmp_path: Path) -> None:
     fresh = ObjectStore(tmp_path, "w1")
     fresh.append(DEVICE, RID, 100, b"b" * 100)
     assert theirs.held(DEVICE, RID, fresh=True) == [(100, 200)]
+
+
+def test_a_part_gone_before_the_commit_costs_only_its_own_records(tmp_path: Path) -> None:
+    """Another worker stored one recording (its staging folder removed) while this worker
+    had unsynced chunks of it and of another recording in one group commit: the other
+    recording's chunks are still durable and held."""
+    other = "0190d6e4-7c1a-7000-8000-000000000002"
+    store = _begin(tmp_path)
+    store.begin(DEVICE, other, {"recording_id": other, "size": 300, "sha256": "0" * 64})
+    store.append(DEVICE, RID, 0, b"a" * 100, sync=False)
+    store.append(DEVICE, other, 0, b"b" * 100, sync=False)
+    ObjectStore(tmp_path, "w2").discard(DEVICE, RID)  # stored elsewhere, folder removed
+    store.commit()
+    assert store.held(DEVICE, other) == [(0, 100)]
+    assert ObjectStore(tmp_path, "w3").held(DEVICE, other) == [(0, 100)]

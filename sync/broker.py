@@ -44,6 +44,9 @@ MAX_PACKET_SIZE = 268_435_460
 # this per packet per client.
 DEFAULT_MAX_PACKET_SIZE = 256 * 1024
 DEFAULT_AUTOSAVE_INTERVAL_S = 60
+# mosquitto.conf(5): QoS 1 messages held per client beyond those in flight before new ones
+# are dropped; mosquitto's own default (0 would mean no limit).
+DEFAULT_MAX_QUEUED_MESSAGES = 1000
 LOOPBACK = "127.0.0.1"
 
 CONFIG_NAME = "mosquitto.conf"
@@ -85,6 +88,7 @@ class BrokerConfig:
     bind_address: str | None = LOOPBACK
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
     autosave_interval_s: int = DEFAULT_AUTOSAVE_INTERVAL_S
+    max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES
     user: str = "mosquitto"
     log_dest: str = "stderr"
 
@@ -117,6 +121,7 @@ def render_config(template: str, config: BrokerConfig) -> str:
         "user": config.user, "acl_file": config.acl_file, "data_dir": config.data_dir,
         "autosave_interval_s": config.autosave_interval_s,
         "max_packet_size": config.max_packet_size, "log_dest": config.log_dest,
+        "max_queued_messages": config.max_queued_messages,
         "cafile": config.cafile, "certfile": config.certfile, "keyfile": config.keyfile,
     }
     text = {key: _one_token(key, str(value)) for key, value in values.items()}
@@ -137,6 +142,9 @@ def _check_ranges(config: BrokerConfig) -> None:
     if config.autosave_interval_s < 0:
         raise BrokerError(f"broker config: autosave_interval_s: "
                           f"{config.autosave_interval_s} is negative")
+    if config.max_queued_messages < 0:
+        raise BrokerError(f"broker config: max_queued_messages: "
+                          f"{config.max_queued_messages} is negative")
 
 
 def _one_token(key: str, value: str) -> str:
@@ -207,6 +215,11 @@ class Broker:
     @property
     def port(self) -> int:
         return self.config.port
+
+    @property
+    def pid(self) -> int | None:
+        """mosquitto's process id while it runs (for CPU accounting), else None."""
+        return self._process.pid if self.running and self._process is not None else None
 
     @property
     def running(self) -> bool:

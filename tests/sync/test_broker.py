@@ -6,6 +6,8 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from sync.broker import (
     ACL_PATH,
@@ -18,7 +20,7 @@ from sync.broker import (
     render_config,
 )
 from sync.pki import Pki
-from tests.sync.conftest import Clients
+from tests.sync.conftest import Clients, TestClient
 
 PROD = BrokerConfig(port=8883, data_dir=Path("/var/lib/mosquitto"),
                     cafile=Path("/etc/mosquitto/ca.crt"),
@@ -68,11 +70,19 @@ def test_loopback_listener_for_tests(pki: Pki, tmp_path: Path) -> None:
     ({"port": 65536}, "port"),
     ({"max_packet_size": 19}, "max_packet_size"),
     ({"autosave_interval_s": -1}, "autosave_interval_s"),
+    ({"max_queued_messages": -1}, "max_queued_messages"),
 ])
 def test_values_that_would_break_the_config_are_refused(change: dict[str, object],
                                                          needle: str) -> None:
     with pytest.raises(BrokerError, match=needle):
         render_config(load_template(), dataclasses.replace(PROD, **change))  # type: ignore[arg-type]
+
+
+def test_queue_limit_is_rendered() -> None:
+    """mosquitto's own default (1000 per client) in production; larger when asked."""
+    assert options(render_config(load_template(), PROD))["max_queued_messages"] == ["1000"]
+    raised = dataclasses.replace(PROD, max_queued_messages=20_000)
+    assert options(render_config(load_template(), raised))["max_queued_messages"] == ["20000"]
 
 
 def test_unknown_placeholder_is_named() -> None:
@@ -113,6 +123,40 @@ def test_kill_loses_what_was_not_saved(broker: Broker, mqtt_clients: Clients) ->
     central = mqtt_clients.connect("central")
     central.publish("er/v1/dev-a/down/cmd/x", b"control")
     assert device.receive_until(b"control") == [("er/v1/dev-a/down/cmd/x", b"control")]
+
+
+def _resumed(clients: Clients, name: str) -> TestClient:
+    """A client that keeps its session for 5 minutes after it disconnects."""
+    made = clients.client(clients.pki.clients[name], name)
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = 300
+    made.client.connect(clients.broker.host, clients.broker.port, keepalive=60,
+                        clean_start=False, properties=properties)
+    made._threaded = True  # as TestClient.start(threaded=True), which sends no properties
+    made.client.loop_start()
+    assert made.wait_connack() == 0
+    return made
+
+
+def test_offline_session_queue_holds_max_queued_messages(broker: Broker,
+                                                         mqtt_clients: Clients) -> None:
+    """The rendered limit is the one mosquitto applies: an offline session keeps that many
+    QoS 1 messages, the first ones, and the log says the rest were dropped."""
+    broker.stop()
+    broker.config = dataclasses.replace(broker.config, max_queued_messages=5)
+    broker.start()
+    central = _resumed(mqtt_clients, "central")
+    assert central.subscribe("er/v1/+/up/#") == [1]
+    central.close()
+    device = mqtt_clients.connect("dev-a")
+    sent = [f"m{n}".encode() for n in range(8)]
+    for payload in sent:
+        assert device.publish("er/v1/dev-a/up/x", payload) == 0
+    central = _resumed(mqtt_clients, "central")
+    device.publish("er/v1/dev-a/up/x", b"control")
+    assert [payload for _, payload in central.receive_until(b"control")] == \
+        [*sent[:5], b"control"]
+    assert "Outgoing messages are being dropped for client central" in broker.log_text()
 
 
 def test_start_failure_names_the_cause(pki: Pki, tmp_path: Path) -> None:

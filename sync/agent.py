@@ -58,7 +58,6 @@ REJECTED_RETRY_S = 3600.0  # a rejected item is tried again after an hour
 RECEIPT_REJECTED_RETRY_S = 300.0
 AUDIT_MIN_INTERVAL_S = 2.0  # at most one audit batch in flight, this far apart
 AUDIT_BATCH_ENTRIES = 500
-HASH_BLOCK_BYTES = 1024 * 1024
 
 
 class SyncError(Exception):
@@ -715,11 +714,9 @@ def _local_problem(row: dict[str, Any] | None) -> str | None:
 
 
 def _hash_problem(path: Path, size: int, sha256: str) -> str | None:
-    digest = hashlib.sha256()
     try:
         with path.open("rb") as handle:
-            while block := handle.read(HASH_BLOCK_BYTES):
-                digest.update(block)
+            digest = hashlib.file_digest(handle, "sha256")
             length = handle.tell()
     except OSError as exc:
         return f"{path}: {exc.strerror or exc}"

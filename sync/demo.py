@@ -47,7 +47,6 @@ ACK_TIMEOUT_S = 2.0  # central is one loopback hop away
 RECONNECT_MIN_S, RECONNECT_MAX_S = 0.2, 2.0
 CONNECT_TIMEOUT_S = 10.0
 POLL_S = 0.05
-HASH_BLOCK_BYTES = 1024 * 1024
 OPS_CLIENT_ID = "ops"  # the broker takes the certificate CN as username and client id
 STATUS_TOPIC = f"{p.TOPIC_ROOT}/+/up/status"
 
@@ -346,8 +345,5 @@ def _seconds_between(start_iso: Any, end_iso: Any) -> float | None:
 
 
 def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        while block := handle.read(HASH_BLOCK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()

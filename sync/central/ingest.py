@@ -323,8 +323,7 @@ class CentralStore:
         except FileNotFoundError:  # the staging folder went while this worker read it
             assembled = None
         if assembled is None:  # another worker stored it or it began again: say so
-            done = self._already_stored(device, rid, staged["sha256"], int(staged["size"]))
-            return done or p.Ack(rid, p.PARTIAL, self._have(device, rid))
+            return self._not_stored_here(device, rid, staged)
         tmp, digest = assembled
         if digest != staged["sha256"]:
             tmp.unlink(missing_ok=True)
@@ -339,8 +338,7 @@ class CentralStore:
             final = self.objects.publish(device, rid, tmp, manifest)
         except FileNotFoundError as exc:  # another worker's begin removed the part meanwhile
             log.warning("%s: upload %s not published: %s", device, rid, exc)
-            done = self._already_stored(device, rid, staged["sha256"], int(staged["size"]))
-            return done or p.Ack(rid, p.PARTIAL, self._have(device, rid))
+            return self._not_stored_here(device, rid, staged)
         row = _row(device, staged, final.relative_to(self.directory), self._now())
         if self.catalogue.add_recording(row):
             self.stats.stored += 1
@@ -348,6 +346,12 @@ class CentralStore:
                      row.sha256)
         self.objects.discard(device, rid)
         return _stored_ack(rid, row.size, row.sha256)
+
+    def _not_stored_here(self, device: str, rid: str, staged: dict[str, Any]) -> p.Ack:
+        """The answer when another worker's move took the bytes away mid-store: its
+        catalogue row if it stored them, else what is held now."""
+        done = self._already_stored(device, rid, staged["sha256"], int(staged["size"]))
+        return done or p.Ack(rid, p.PARTIAL, self._have(device, rid))
 
     # --- erasure -----------------------------------------------------------------------
     def _erasure(self, device: str, request: p.Erasure) -> p.ErasureAck:

@@ -428,11 +428,3 @@ def _sha256(fd: int, size: int) -> str:
         digest.update(block)
         done += len(block)
     return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(HASH_BLOCK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()

@@ -36,7 +36,7 @@ from typing import Final, Literal
 import numpy as np
 
 from drivers.dsp.events import SAMPLE_RATE, Answer, DetectorEvent, Tone, Voice
-from drivers.dsp.tones import CallProgressConfigError, ToneDetector
+from drivers.dsp.tones import BLOCK_LEN, CallProgressConfigError, ToneDetector
 from drivers.dsp.vad import FRAME_LEN, HANGOVER_FRAMES, FrameActivity, VoiceDetector
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class AnswerDetector:
         self._pending: list[np.ndarray] = []
         self._pending_len = 0
         self._pending_start = 0
+        self._origin = 0  # line sample of the first sample fed since reset()
         self._next_sample: int | None = None
         self._armed_from: int | None = None
         self._arm_hist()
@@ -118,7 +119,7 @@ class AnswerDetector:
             log.debug("answer: timeline jump %d -> %d: a new call", self._next_sample, sample)
             events += self.flush()
         if self._next_sample is None:
-            self._pending_start = sample
+            self._pending_start = self._origin = sample
             if self._armed_from is None:
                 self._armed_from = sample
                 self._hist_from = sample
@@ -155,11 +156,22 @@ class AnswerDetector:
         self._pending, self._pending_len = [], 0
         self._pending_start = start + len(pcm)
         # the VAD's frames are the tone detector's blocks (both 20 ms from ``start``)
-        voice = self.voice.feed(start, pcm)
-        inner = self.tones.feed(start, pcm, blocks=self.voice.last_audio) + voice
-        events = self._inner(inner)
-        if self.state != ANSWERED and self.voice.last_frames is not None:
-            events += self._update(self.voice.last_frames)
+        events = self._inner(self.voice.feed(start, pcm))
+        frames = self.voice.last_frames
+        self.tones.feed(start, pcm, blocks=self.voice.last_audio, track=False)
+        # The answer is judged every DEFAULT_BATCH_SAMPLES of line audio, as live, however
+        # long the batch (a file's): the tone state it reads is that at each step's end.
+        step = DEFAULT_BATCH_SAMPLES // BLOCK_LEN
+        while left := self.tones.untracked_blocks():
+            at = self.tones.analysed_to()
+            blocks = left if self.state == ANSWERED else min(
+                left, step - (at - self._origin) // BLOCK_LEN % step)
+            events += self._inner(self.tones.advance(blocks))
+            if self.state != ANSWERED and frames is not None:
+                # live, a step's frames lag its audio by one (the VAD holds the newest)
+                part = _frames_between(frames, at - FRAME_LEN, self.tones.analysed_to() - FRAME_LEN)
+                if part is not None:
+                    events += self._update(part)
         return sorted(events, key=lambda e: e.sample)
 
     def _inner(self, inner: list[DetectorEvent]) -> list[DetectorEvent]:
@@ -258,3 +270,14 @@ class AnswerDetector:
         self._hist_active = self._hist_active[keep:]
         self._hist_tone = self._hist_tone[keep:]
         self._hist_start += keep * FRAME_LEN
+
+
+def _frames_between(frames: FrameActivity, lo: int, hi: int) -> FrameActivity | None:
+    """The frames of ``frames`` that start in line samples [lo, hi), None if none."""
+    a = max(0, (lo - frames.sample) // FRAME_LEN)
+    b = min(len(frames.active), max(0, (hi - frames.sample) // FRAME_LEN))
+    if a >= b:
+        return None
+    if a == 0 and b == len(frames.active):
+        return frames
+    return FrameActivity(frames.sample + a * FRAME_LEN, frames.active[a:b], frames.tonal[a:b])

@@ -269,6 +269,14 @@ class DtmfDetector:
             events.extend(self._process())
         return events
 
+    def flush(self) -> list[DetectorEvent]:
+        """End of input: analyse what is buffered, also less than a batch, and report a
+        digit still sounding; resets."""
+        events = self._process()
+        events.extend(self._finish_run())
+        self.reset()
+        return events
+
     # --- block analysis -----------------------------------------------------------
     def _process(self) -> list[DetectorEvent]:
         buf = np.concatenate([self._tail, *self._pending])  # int16: a quarter of float64

@@ -51,7 +51,7 @@ MIN_CARRIER_SHARE = 0.5  # mark + space power / signal power
 # blocks read >= 0.46, 99 % of them >= 0.57. Speech and noise seldom hold 0.5 in two
 # blocks of a run, DTMF digits with a 1209 or 1336 Hz tone may: 0.3 % of the mixed calls
 # is demodulated (the caller-ID bursts, the dialled digits with such a tone, and the runs
-# cut by a 10 s batch's edges, which may go on in the next input and are always
+# cut by a file batch's edges, which may go on in the next input and are always
 # demodulated).
 GATE_STEP = 8
 GATE_LEN = 40
@@ -122,7 +122,7 @@ class FskDemodulator:
         self._mark_table = np.column_stack([np.cos(phase), np.sin(phase),
                                             np.full(GATE_LEN, 1.0 / np.sqrt(2.0))])
         self._mark_table *= np.sqrt(2.0 / GATE_LEN)
-        # work arrays, grown to the largest input (a file's 10 s batches would otherwise
+        # work arrays, grown to the largest input (a file's batches would otherwise
         # allocate and free megabytes per batch)
         self._x = np.zeros(0)
         self._sums = np.zeros((0, 4))

@@ -706,8 +706,12 @@ class ToneDetector:
         self._pending: list[np.ndarray] = []
         self._pending_len = 0
         self._next_sample: int | None = None
-        self._block_start = 0  # line sample of the first unanalysed block
+        self._block_start = 0  # line sample of the first untracked block
         self.last_blocks: BlockTones | None = None
+        # blocks analysed by the last batch: (line sample of the first, chosen group per
+        # block or None, AC energies), of which the first ``_tracked`` have been walked
+        self._analysed: tuple[int, np.ndarray | None, np.ndarray] | None = None
+        self._tracked = 0
         self._held: list[_DialRun] = []  # dial tones waiting for DTMF
         self._digits: list[int] = []  # start samples of the DTMF digits noted, ascending
 
@@ -719,13 +723,14 @@ class ToneDetector:
 
     def feed(self, sample: int, pcm: np.ndarray, *,
              blocks: tuple[int, np.ndarray, np.ndarray] | None = None,
-             ) -> list[DetectorEvent]:
+             track: bool = True) -> list[DetectorEvent]:
         """Consume ``pcm`` (int16, 8 kHz) starting at line sample ``sample``.
 
         ``blocks``: the same audio already cut into float64 blocks on this detector's grid,
         with their AC energies (a :class:`~drivers.dsp.vad.VoiceDetector`'s ``last_audio``:
         its frames are these blocks): used instead of cutting them again when they are
-        exactly what this call analyses."""
+        exactly what this call analyses. ``track=False``: analyse the batch but leave
+        walking its blocks to :meth:`advance` (before the next ``feed``)."""
         events: list[DetectorEvent] = []
         self.last_blocks = None
         if self._next_sample is not None and sample != self._next_sample:
@@ -737,7 +742,7 @@ class ToneDetector:
         self._pending.append(np.asarray(pcm))
         self._pending_len += len(pcm)
         if self._pending_len >= self._batch_samples:
-            events += self._process(blocks)
+            events += self._process(blocks, track=track)
         return events
 
     def flush(self) -> list[DetectorEvent]:
@@ -777,14 +782,45 @@ class ToneDetector:
         """Line sample up to which audio has been analysed."""
         return self._block_start
 
-    def _process(self, shared: tuple[int, np.ndarray, np.ndarray] | None = None,
-                 ) -> list[DetectorEvent]:
-        if not self._pending:
+    def untracked_blocks(self) -> int:
+        """Blocks analysed by a ``feed(..., track=False)`` and not yet walked by
+        :meth:`advance`."""
+        return 0 if self._analysed is None else len(self._analysed[2]) - self._tracked
+
+    def advance(self, n_blocks: int | None = None) -> list[DetectorEvent]:
+        """Walk the next ``n_blocks`` (default: all) of the blocks analysed but not yet
+        tracked: the events and the state (:meth:`tone_on`, :meth:`analysed_to`,
+        :attr:`last_blocks`, ...) are then those of a detector fed up to their end.
+
+        Lets a caller look at the state within a long batch (the answer detector does, 400
+        ms at a time, as it would live) while the numpy work runs on the whole batch."""
+        if self._analysed is None:
             return []
-        if (shared is not None and len(self._pending) == 1 and shared[0] == self._block_start
+        first, chosen, ac = self._analysed
+        lo = self._tracked
+        hi = len(ac) if n_blocks is None else min(len(ac), lo + n_blocks)
+        self._tracked = hi
+        if hi == len(ac):
+            self._analysed = None
+        if hi == lo:
+            return []
+        group = None
+        if chosen is not None:
+            group = chosen[lo:hi] if lo or hi < len(chosen) else chosen
+            if lo or hi < len(chosen):
+                group = group if bool((group >= 0).any()) else None
+        ac = ac[lo:hi] if lo or hi < len(ac) else ac
+        return self._track(first + lo * BLOCK_LEN, group, ac)
+
+    def _process(self, shared: tuple[int, np.ndarray, np.ndarray] | None = None, *,
+                 track: bool = True) -> list[DetectorEvent]:
+        events = self.advance()  # what an earlier batch left untracked comes first
+        if not self._pending:
+            return events
+        start = self._block_start
+        if (shared is not None and len(self._pending) == 1 and shared[0] == start
                 and shared[1].shape[1:] == (BLOCK_LEN,)
                 and len(shared[1]) * BLOCK_LEN == len(self._pending[0])):
-            n_blocks, used = len(shared[1]), len(self._pending[0])
             self._pending, self._pending_len = [], 0
             chosen, ac = self._analyser.analyse(shared[1], shared[2])
         else:
@@ -794,10 +830,20 @@ class ToneDetector:
             self._pending = [buf[used:]] if used < len(buf) else []
             self._pending_len = len(buf) - used
             if n_blocks == 0:
-                return []
+                return events
             chosen, ac = self._analyser.analyse(buf[:used].reshape(n_blocks, BLOCK_LEN))
-        start, self._block_start = self._block_start, self._block_start + used
+        self._analysed, self._tracked = (start, chosen, ac), 0
+        return events + self.advance() if track else events
+
+    def _track(self, start: int, chosen: np.ndarray | None, ac: np.ndarray,
+               ) -> list[DetectorEvent]:
+        """Walk the verdicts of the blocks from line sample ``start`` (the next ones)."""
+        n_blocks = len(ac)
+        self._block_start = start + n_blocks * BLOCK_LEN
         self.last_blocks = BlockTones(start, n_blocks, chosen)
+        # digits older than this cannot cut a run that starts in (or reaches into) these
+        # blocks: counted from their start, so a batch longer than the memory keeps its own
+        horizon = start - round(DIGIT_MEMORY_S * SAMPLE_RATE)
         events: list[DetectorEvent] = []
         for g, (tracker, matcher) in enumerate(zip(self._trackers, self._matchers,
                                                    strict=True)):
@@ -808,7 +854,7 @@ class ToneDetector:
             closed = tracker.process(start, on, ac)
             events += self._take(matcher.step(closed, tracker.state(), self._block_start),
                                  matcher)
-        events += self._release(final=False)
+        events += self._release(final=False, horizon=horizon)
         return sorted(events, key=_event_sample)
 
     # --- dial tones and DTMF ---------------------------------------------------------------
@@ -820,12 +866,9 @@ class ToneDetector:
         matcher.dial_runs = []
         return [t for t in tones if t.tone != "dial"]
 
-    def _release(self, *, final: bool) -> list[Tone]:
-        """Report the held runs whose fate is known (all of them when ``final``)."""
-        horizon = self._block_start - round(DIGIT_MEMORY_S * SAMPLE_RATE)
-        del self._digits[:bisect.bisect_left(self._digits, horizon)]
-        if not self._held:
-            return []
+    def _release(self, *, final: bool, horizon: int | None = None) -> list[Tone]:
+        """Report the held runs whose fate is known (all of them when ``final``); forget
+        the digits noted before ``horizon`` (a line sample) after that."""
         out: list[Tone] = []
         keep: list[_DialRun] = []
         for run in self._held:
@@ -840,6 +883,8 @@ class ToneDetector:
             if tone is not None:
                 out.append(tone)
         self._held = keep
+        if horizon is not None:
+            del self._digits[:bisect.bisect_left(self._digits, horizon)]
         return out
 
     def _cut_tone(self, run: _DialRun) -> Tone | None:

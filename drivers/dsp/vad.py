@@ -53,7 +53,7 @@ FLOOR_MAX_DBFS = -30.0  # a floor above this is speech without pauses, not noise
 HANGOVER_FRAMES = 10  # 200 ms of inactivity ends a segment
 MIN_VOICE_FRAMES = 3  # shorter segments (a click, < 60 ms) are not reported
 DEFAULT_BATCH_SAMPLES = 3200  # 400 ms: numpy call overhead per line stays small
-SPECTRUM_ROWS = 512  # windows transformed at a time: a 10 s file batch (500 frames) at once
+SPECTRUM_ROWS = 512  # windows transformed at a time: 500 frames (10 s) at once
 KEEP_AUDIO_SAMPLES = 1 << 17  # a batch's audio buffer up to 16 s (1 MB) is kept for the next
 
 

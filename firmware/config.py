@@ -140,7 +140,7 @@ class Sync(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # 120 KiB fits every common broker (AWS IoT Core: 128 KB per message).
     chunk_kib: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 120
     # Chunks sent that central has not yet reported holding.
-    window: Annotated[int, msgspec.Meta(ge=1, le=64)] = 8
+    window: Annotated[int, msgspec.Meta(ge=1, le=64)] = 20
     heartbeat_s: Annotated[float, msgspec.Meta(ge=5, le=3600)] = 60.0
     # Reconnect back-off: doubles from min to max, with random jitter.
     reconnect_min_s: Annotated[float, msgspec.Meta(ge=0.1, le=600)] = 1.0

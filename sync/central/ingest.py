@@ -145,7 +145,8 @@ class CentralStore:
 
     def complete(self, batches: list[Staged]) -> list[Answers]:
         """One fdatasync for every record written so far, then the staged batches'
-        answers in order (a chunk's ack says what is held once it is durable)."""
+        answers in order (a chunk's ack says what is held once it is durable; the chunks
+        of one recording in these batches share the last one's ack)."""
         deferred = [d for staged in batches for d in staged.deferred]
         failed = False
         if deferred:
@@ -154,12 +155,18 @@ class CentralStore:
             except OSError as exc:
                 log.error("chunk records not synced: %s", exc)
                 failed = True
+        # One ack per recording and commit: its `have` says all that the earlier chunks'
+        # acks would (the device needs only the newest); each chunk still gets its PUBACK.
+        last = {(device, rid): (b, index) for b, staged in enumerate(batches)
+                for index, device, rid in staged.deferred}
         answers: list[Answers] = []
-        for staged in batches:
+        for b, staged in enumerate(batches):
             for index, device, rid in staged.deferred:
                 if failed:
                     staged.answers[index] = self._io_error(p.rec_topic(device, "up", rid,
                                                                        "chunk"))
+                elif last[device, rid] != (b, index):
+                    staged.answers[index] = []
                 else:
                     ack = p.Ack(rid, p.PARTIAL, self._have(device, rid))
                     staged.answers[index] = [(p.rec_topic(device, "down", rid, "ack"),
@@ -230,7 +237,8 @@ class CentralStore:
 
     def _have(self, device: str, rid: str) -> list[p.Range]:
         try:
-            return self.objects.held(device, rid) if self.objects.load_init(device, rid) else []
+            init = self.objects.load_init(device, rid)
+            return self.objects.held(device, rid, size=int(init["size"])) if init else []
         except OSError:
             return []
 
@@ -291,7 +299,7 @@ class CentralStore:
         if chunk.end > int(staged["size"]):
             raise p.ProtocolError(f"chunk {rid}@{chunk.offset}: ends at {chunk.end}, after "
                                   f"the size {staged['size']}", "bad_chunk")
-        have = self.objects.held(device, rid)
+        have = self.objects.held(device, rid, size=int(staged["size"]))
         if not p.covered(have, (chunk.offset, chunk.end)):
             self.objects.append(device, rid, chunk.offset, chunk.data, sync=not self._group,
                                 crc32=chunk.crc32)

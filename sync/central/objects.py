@@ -70,6 +70,7 @@ class _Own:
 
 
 LOG_LIST_S = 0.5  # how long a listing of a staging folder's parts is used
+PATH_CACHE = 4096  # uploads whose staging paths are kept built
 _FileId = tuple[int, int, int]  # st_ino, st_mtime_ns, st_size: a replaced file differs
 
 
@@ -90,22 +91,35 @@ class ObjectStore:
         # range)
         self._unsynced: list[tuple[Path, int, p.Range]] = []
         self._listings: dict[Path, tuple[float, list[Path]]] = {}  # folder: (when, parts)
+        self._paths: dict[tuple[str, str], tuple[Path, Path, Path]] = {}
         self._lock = threading.RLock()  # the state above; never held across an fdatasync
         self._commit_lock = threading.Lock()  # one commit at a time: counted in order
         make_dirs(root / "staging", DIR_MODE)
         make_dirs(root / "objects", DIR_MODE)
 
     # --- staging -----------------------------------------------------------------------
+    def _upload_paths(self, device: str, rid: str) -> tuple[Path, Path, Path]:
+        """(staging folder, its init.json, this worker's part) of an upload: built once
+        (three Path joins per chunk, several times each, showed in the profile)."""
+        paths = self._paths.get((device, rid))
+        if paths is None:
+            if len(self._paths) >= PATH_CACHE:
+                self._paths.clear()
+            folder = self.root / "staging" / device / rid
+            paths = folder, folder / "init.json", folder / f"{self.worker_id}{PART_SUFFIX}"
+            self._paths[device, rid] = paths
+        return paths
+
     def staging(self, device: str, rid: str) -> Path:
-        return self.root / "staging" / device / rid
+        return self._upload_paths(device, rid)[0]
 
     def own_part(self, device: str, rid: str) -> Path:
-        return self.staging(device, rid) / f"{self.worker_id}{PART_SUFFIX}"
+        return self._upload_paths(device, rid)[2]
 
     def load_init(self, device: str, rid: str) -> dict[str, Any] | None:
         """The staged init (treat as read-only); parsed again only when its file changed
         (``begin`` by any worker writes a new file)."""
-        path = self.staging(device, rid) / "init.json"
+        path = self._upload_paths(device, rid)[1]
         with self._lock:
             return self._load_init(path)
 
@@ -147,7 +161,7 @@ class ObjectStore:
         self._listings.pop(folder, None)
 
     def _size(self, device: str, rid: str) -> int:
-        init = self._load_init(self.staging(device, rid) / "init.json")
+        init = self._load_init(self._upload_paths(device, rid)[1])
         if init is None:
             raise FileNotFoundError(f"{self.staging(device, rid)}: no staged init")
         return int(init["size"])
@@ -243,21 +257,25 @@ class ObjectStore:
                 own.end, own.hashed = first, -1
         self._unsynced = [entry for entry in self._unsynced if entry[0] not in paths]
 
-    def held(self, device: str, rid: str, *, fresh: bool = False) -> list[p.Range]:
+    def held(self, device: str, rid: str, *, fresh: bool = False,
+             size: int | None = None) -> list[p.Range]:
         """The ranges every worker's part holds (read incrementally); ``fresh`` lists the
-        staging folder now instead of using a listing up to LOG_LIST_S old."""
+        staging folder now instead of using a listing up to LOG_LIST_S old; ``size``: the
+        upload's, from an init the caller has just loaded (else it is loaded here)."""
         with self._lock:
             if fresh:
                 self._listings.pop(self.staging(device, rid), None)
-            return p.merge_ranges([r for _, view in self._read_parts(device, rid)
+            return p.merge_ranges([r for _, view in self._read_parts(device, rid, size)
                                    for r in view.ranges])
 
-    def _read_parts(self, device: str, rid: str) -> list[tuple[Path, _PartView]]:
+    def _read_parts(self, device: str, rid: str,
+                    size: int | None = None) -> list[tuple[Path, _PartView]]:
         """Every part's view, read on where no unsynced chunk of ours waits in it."""
-        try:
-            size = self._size(device, rid)
-        except FileNotFoundError:
-            return []
+        if size is None:
+            try:
+                size = self._size(device, rid)
+            except FileNotFoundError:
+                return []
         out: list[tuple[Path, _PartView]] = []
         for path in self._parts(device, rid):
             view = self._views.get(path)

@@ -35,7 +35,7 @@ def run_sync(config: Path) -> subprocess.CompletedProcess[str]:
 def test_sync_defaults_and_relative_paths(tmp_path: Path) -> None:
     config = parse_config(BASE + SYNC, str(tmp_path / "c.toml"))
     assert config.sync is not None
-    assert (config.sync.port, config.sync.chunk_kib, config.sync.window) == (8883, 120, 8)
+    assert (config.sync.port, config.sync.chunk_kib, config.sync.window) == (8883, 120, 20)
     assert config.resolve_path(config.sync.ca_file) == tmp_path / "ca.crt"
     assert config.sync.central_public_key is None  # receipts kept unverified
     key = "A" * 43 + "="  # base64 of 32 zero bytes: the shape is all config checks

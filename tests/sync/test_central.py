@@ -289,3 +289,33 @@ def test_retention_and_erasure_leave_tombstones(tmp_path: Path, catalogue_url: s
         assert {r.recording_id for r in store.catalogue.search()} == {rids[2]}
     finally:
         store.close()
+
+
+def test_chunks_of_one_commit_share_one_cumulative_ack(tmp_path: Path) -> None:
+    """Chunks made durable by one fdatasync (two staged batches, one commit): one ack per
+    recording, on its last chunk, with every range of the commit; none on the chunks
+    before it (each still gets its PUBACK from the worker)."""
+    devices = tmp_path / "devices"
+    devices.mkdir()
+    device_key = Ed25519PrivateKey.generate()
+    (devices / f"{DEVICE}.pub").write_bytes(public_key_pem(device_key.public_key()))
+    store = CentralStore(tmp_path / "store", devices, Ed25519PrivateKey.generate(),
+                         catalogue=open_catalogue(f"sqlite:///{tmp_path / 'c.db'}"))
+    try:
+        (a, data_a), (b, data_b) = [(str(uuid.uuid4()), os.urandom(4096)) for _ in range(2)]
+        for rid, data in ((a, data_a), (b, data_b)):
+            store.handle(p.rec_topic(DEVICE, "up", rid, "init"), _init(device_key, rid, data))
+        chunks = [(p.rec_topic(DEVICE, "up", rid, "chunk"),
+                   p.encode_chunk(rid, at, data[at:at + 1024]))
+                  for rid, data, at in ((a, data_a, 0), (a, data_a, 1024), (b, data_b, 0),
+                                        (a, data_a, 2048))]
+        answers = store.complete([store.stage_chunks(chunks[:3]),
+                                  store.stage_chunks(chunks[3:])])
+        acks = [[(topic.split("/")[-2], p.decode_ack(payload).have)
+                 for topic, payload in answer] for answer in answers]
+        assert acks == [[], [], [(b, [(0, 1024)])], [(a, [(0, 3072)])]]
+        # the next commit answers again (a chunk already held: at once, with its `have`)
+        again = store.complete([store.stage_chunks(chunks[:1])])
+        assert [p.decode_ack(payload).have for _, payload in again[0]] == [[(0, 3072)]]
+    finally:
+        store.close()

@@ -40,7 +40,7 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = WAIT_S,
 
 
 def write_config(directory: Path, pki: Pki, broker: Broker, *, chunk_kib: int = 120,
-                 window: int = 8, ack_timeout_s: float = 1.0,
+                 window: int | None = None, ack_timeout_s: float = 1.0,
                  central_public_key: str | None = None, device_id: str = DEVICE) -> Path:
     credential = pki.clients[device_id]
     central_key = "" if central_public_key is None else \
@@ -65,7 +65,7 @@ ca_file = "{pki.ca_cert}"
 cert_file = "{credential.cert}"
 key_file = "{credential.key}"
 chunk_kib = {chunk_kib}
-window = {window}
+{'' if window is None else f'window = {window}'}
 reconnect_min_s = 0.2
 reconnect_max_s = 1.0
 ack_timeout_s = {ack_timeout_s}

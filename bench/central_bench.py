@@ -23,9 +23,11 @@ recording. Workers, agents and broker share this machine's cores: INGEST_ROUNDS 
 Drain (what the workers take): the same devices' traffic, DRAIN_RECORDINGS recordings
 each, is put into the broker before the clock starts by the load generator of
 bench/drain_load.py (one paho client per device, in this process): every init (the
-agent's signed manifest), then every chunk, QoS 1, without waiting for central.
-Meanwhile the workers are connected and subscribed but stopped (SIGSTOP): the broker
-hands each its in-flight window (20 messages) and queues the rest in its session
+agent's signed manifest) first, answered by the running workers, each answer naming the
+worker that took the upload (docs/PROTOCOL.md, "Routing"; the inits' work is outside the
+clock), then every chunk to that worker's routed topic, QoS 1, without waiting for
+central. Meanwhile the workers are connected and subscribed but stopped (SIGSTOP): the
+broker hands each its in-flight window (20 messages) and queues the rest in its session
 (``max_queued_messages`` raised to DRAIN_MAX_QUEUED; the broker log must show no drop and
 no keepalive timeout). Dirty pages are flushed (sync), then the clock starts as every
 worker resumes (SIGCONT) and stops at the last "stored" ack. Each fin is sent as the agent
@@ -282,11 +284,12 @@ class DrainRun(_Site):
                 rid, _ = device.add_recording(INGEST_BYTES, data=body)
                 uploads.append(self.load.add(device, rid, body))
         log_start = len(self.broker.log_text())
+        inits = self.load.begin(uploads, DRAIN_WAIT_S)  # each upload learns its worker
         for worker in self.workers:  # connected, subscribed, but handling nothing
             os.kill(worker.pid, signal.SIGSTOP)
         try:
             queue_start = time.monotonic()
-            messages = self.load.queue(uploads, fins=DRAIN_QUEUE_FINS)
+            messages = inits + self.load.queue(uploads, fins=DRAIN_QUEUE_FINS)
             queue_s = time.monotonic() - queue_start
             self._check_broker(log_start)
             os.sync()  # the recordings just written are not flushed during the drain

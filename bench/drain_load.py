@@ -7,18 +7,19 @@ its own ``down/``). The recordings are rows and files of a real device catalogue
 from them (``sync.agent._manifest``), signed with the device key, and the messages are
 the protocol's own encodings (``sync.protocol``).
 
-``queue`` publishes, QoS 1 and without waiting for central's answers, every init, then
-every chunk (each device its recordings one after another, the devices interleaved), and
-on request every fin; each phase is taken by the broker (every PUBACK in, none refused,
-none without a subscriber) before the next begins, so every init is queued ahead of every
-chunk. ``wait_stored`` follows the acks on the devices' ``down/rec/+/ack`` and sends what
-the agent would: a recording's fin as soon as the acks say central holds every byte (a
-chunk is acked once it is durable), unless the backlog carried it; once every message of
-a recording is answered and bytes are still missing (a chunk met no init), those chunks
-again; after a fin that did not store it, init, the chunks missing from the init's answer
-(``have``), fin. When no ack has come for ``IDLE_S`` every open recording takes its next
-step. ``verify`` checks the central catalogue rows and the stored objects' sha256 against
-what was sent.
+``begin`` sends every init, as the agent does, and waits for each answer, which names
+the ingest worker that took the upload (docs/PROTOCOL.md, "Routing"). ``queue`` then
+publishes, QoS 1 and without waiting for central's answers, every chunk (each device its
+recordings one after another, the devices interleaved) to that worker's routed topic,
+and on request every fin; each phase is taken by the broker (every PUBACK in, none
+refused, none without a subscriber) before the next begins. ``wait_stored`` follows the
+acks on the devices' ``down/rec/+/ack`` (cumulative: one per recording and group commit)
+and sends what the agent would: a recording's fin as soon as the acks say central holds
+every byte, unless the backlog carried it; after a fin answered with bytes missing, or
+an error answer, init; after an init, the chunks missing from its answer (``have``), or
+fin. When no ack has come for ``IDLE_S`` every open recording sends init again (the
+agent's ack timeout). ``verify`` checks the central catalogue rows and the stored
+objects' sha256 against what was sent.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 
 CONNECT_WAIT_S = 20.0
 PUBLISH_WAIT_S = 120.0  # for one phase's PUBACKs
-IDLE_S = 2.0  # no ack for this long: every open recording is treated as answered
+IDLE_S = 2.0  # no ack for this long: every open recording sends init again
 MAX_INITS = 20  # rounds of init, chunks, fin for one recording before the drain fails
 NO_MATCHING_SUBSCRIBERS = 0x10  # PUBACK reason (OASIS MQTT 5.0, 3.4.2.1)
 
@@ -68,12 +69,11 @@ class Upload:
     sha256: str
     init: bytes
     sent: int = 0  # messages published for it
-    answered: int = 0  # acks received for it
     # "queued" (the backlog), "send" (missing chunks sent again), "fin" or "init" (one
-    # message out, whose answer is ``last`` once ``answered`` reaches ``sent``)
+    # message out, waiting for its answer)
     phase: str = "queued"
     have: list[p.Range] = field(default_factory=list)  # what the acks say central holds
-    last: p.Ack | None = None
+    route: str | None = None  # the worker the last init's answer named
     stored_s: float | None = None  # time.monotonic() of the first "stored" ack
     fins: int = 0  # fins sent
     resent_chunks: int = 0
@@ -86,10 +86,6 @@ class Upload:
     @property
     def resent_fins(self) -> int:
         return max(self.fins - 1, 0)
-
-    @property
-    def settled(self) -> bool:
-        return self.answered >= self.sent
 
     def fin(self) -> bytes:
         return p.Fin(self.rid, self.size, self.sha256).encode()
@@ -165,7 +161,7 @@ class LoadGenerator:
             if not (link.connected.wait(CONNECT_WAIT_S) and link.subscribed.wait(CONNECT_WAIT_S)):
                 raise LoadError(f"{device_id}: not connected and subscribed within "
                                 f"{CONNECT_WAIT_S:g} s")
-        topic_bytes = max(len(p.rec_topic(d, "up", "0" * 36, "chunk").encode())
+        topic_bytes = max(len(p.routed_topic(d, "w" * 64, "0" * 36, "chunk").encode())
                           for d in self.devices)
         configured = min(d.config.sync.chunk_kib * p.KIB for d in self.devices.values()
                          if d.config.sync is not None)
@@ -186,10 +182,30 @@ class LoadGenerator:
         return upload
 
     # --- the backlog -------------------------------------------------------------------------
-    def queue(self, uploads: Sequence[Upload], *, fins: bool = False) -> int:
-        """Every init, then every chunk (each device its recordings one after another),
-        then with ``fins`` every fin into the broker; the messages sent."""
+    def begin(self, uploads: Sequence[Upload], timeout_s: float) -> int:
+        """Every init, answered (the workers are running): each upload learns its worker;
+        the messages sent."""
         count = self._phase([(u, "init", u.init) for u in uploads])
+        deadline = time.monotonic() + timeout_s
+        waiting = {u.rid for u in uploads}
+        while waiting:
+            try:
+                _, topic, payload = self._acks.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                raise LoadError(f"{len(waiting)} inits not answered within {timeout_s:g} s") \
+                    from None
+            ack = p.decode_ack(payload)
+            upload = self.uploads.get(ack.recording_id)
+            if upload is None or ack.state != p.PARTIAL or ack.error is not None:
+                raise LoadError(f"init answered {ack} on {topic}")
+            upload.route = ack.worker
+            waiting.discard(upload.rid)
+        return count
+
+    def queue(self, uploads: Sequence[Upload], *, fins: bool = False) -> int:
+        """Every chunk (each device its recordings one after another), then with ``fins``
+        every fin into the broker, routed as :meth:`begin` learned; the messages sent."""
+        count = 0
         streams = [[(u, "chunk", p.encode_chunk(u.rid, start, u.data[start:end]))
                     for u in uploads if u.device_id == device_id
                     for start, end in p.split_ranges([(0, u.size)], self.chunk_bytes)]
@@ -217,7 +233,10 @@ class LoadGenerator:
 
     def _send(self, upload: Upload, leaf: str, payload: bytes) -> mqtt.MQTTMessageInfo:
         upload.sent += 1
-        topic = p.rec_topic(upload.device_id, "up", upload.rid, leaf)
+        if leaf == "init" or upload.route is None:
+            topic = p.rec_topic(upload.device_id, "up", upload.rid, leaf)
+        else:
+            topic = p.routed_topic(upload.device_id, upload.route, upload.rid, leaf)
         info = self._links[upload.device_id].client.publish(topic, payload, qos=1)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise LoadError(f"{topic}: publish failed: {mqtt.error_string(info.rc)}")
@@ -237,25 +256,24 @@ class LoadGenerator:
                     raise LoadError(f"{len(open_)} recordings not stored within "
                                     f"{timeout_s:g} s") from None
                 for upload in open_.values():
-                    upload.answered = upload.sent  # an answer went missing: act now
-                    self._next(upload)
+                    self._next(upload, None)  # an answer went missing: as the agent
                 continue
-            upload = self._ack(received_s, topic, payload)
+            upload, ack = self._ack(received_s, topic, payload)
             if upload.rid not in open_:
                 continue
             if upload.stored_s is not None:
                 del open_[upload.rid]
             else:
-                self._next(upload)
+                self._next(upload, ack)
         return max(u.stored_s for u in uploads if u.stored_s is not None)
 
-    def _ack(self, received_s: float, topic: str, payload: bytes) -> Upload:
+    def _ack(self, received_s: float, topic: str, payload: bytes) -> tuple[Upload, p.Ack]:
         ack = p.decode_ack(payload)
         upload = self.uploads.get(ack.recording_id)
         if upload is None or not topic.startswith(p.device_prefix(upload.device_id) + "/"):
             raise LoadError(f"ack on {topic}: not an upload of this generator")
-        upload.answered += 1
-        upload.last = ack
+        if ack.worker is not None:
+            upload.route = ack.worker
         if ack.state == p.REJECTED and ack.error in p.FATAL_ERRORS:
             raise LoadError(f"{upload.device_id} {upload.rid}: rejected: {ack.error} "
                             f"{ack.detail}")
@@ -265,39 +283,35 @@ class LoadGenerator:
                                 f"{ack.sha256}, sent {upload.size} {upload.sha256}")
             if upload.stored_s is None:
                 upload.stored_s = received_s
-        elif ack.state == p.PARTIAL and ack.error is None:
+        elif ack.state == p.PARTIAL and ack.error is None and upload.phase in ("queued",
+                                                                                "send"):
             upload.have = p.merge_ranges([*upload.have, *ack.have])
-        return upload
+        return upload, ack
 
-    def _next(self, upload: Upload) -> None:
-        """What the agent sends next for an upload not yet stored. While chunks are out:
-        fin as soon as the acks say central holds every byte (each chunk is acked once
-        it is durable), or, once every chunk is answered, the missing ones again. After a
-        fin or an init, once answered: init again after a fin that did not store it (the
-        agent does so when its ack timeout passes), and after an init the chunks missing
-        from its answer (``have`` as every worker's part holds it now), or fin."""
-        if upload.phase in ("queued", "send"):
-            if not p.missing_ranges(upload.size, upload.have):
-                self._step(upload, "fin")
-            elif upload.settled:
-                self._send_missing(upload, upload.have)
-            return
-        if not upload.settled:
-            return
-        ack = upload.last
-        if upload.phase == "fin" or ack is None or ack.state == p.REJECTED \
-                or ack.error is not None:
+    def _next(self, upload: Upload, ack: p.Ack | None) -> None:
+        """What the agent sends next for an upload not yet stored, on ``ack`` (None: no
+        answer came for IDLE_S, the agent's ack timeout). While chunks are out: fin as
+        soon as the acks say central holds every byte. An error, a fin answered with
+        bytes missing, or silence: init. The answer to an init: the chunks it lacks, or
+        fin."""
+        if ack is None or ack.error is not None or ack.state == p.REJECTED or (
+                upload.phase == "fin" and p.missing_ranges(upload.size, ack.have)):
             if upload.resent_inits >= MAX_INITS:
                 raise LoadError(f"{upload.device_id} {upload.rid}: not stored after "
                                 f"{MAX_INITS} rounds of init, chunks and fin; central "
                                 f"answers {ack}")
             self._step(upload, "init")
             return
-        upload.have = ack.have
-        if p.missing_ranges(upload.size, ack.have):
-            self._send_missing(upload, ack.have)
-        else:
-            self._step(upload, "fin")
+        if upload.phase in ("queued", "send"):
+            if not p.missing_ranges(upload.size, upload.have):
+                self._step(upload, "fin")
+            return
+        if upload.phase == "init":
+            upload.have = ack.have
+            if p.missing_ranges(upload.size, ack.have):
+                self._send_missing(upload, ack.have)
+            else:
+                self._step(upload, "fin")
 
     def _send_missing(self, upload: Upload, have: list[p.Range]) -> None:
         upload.phase = "send"
@@ -313,6 +327,7 @@ class LoadGenerator:
             self._send(upload, "fin", upload.fin())
         else:
             upload.resent_inits += 1
+            upload.route = None  # until the answer names a worker
             self._send(upload, "init", upload.init)
         upload.phase = leaf
 

@@ -97,6 +97,12 @@ class Upload:
     inflight: dict[int, int] = field(default_factory=dict)  # offset -> end
     last_progress_s: float = 0.0
     timeouts: int = 0
+    route: str | None = None  # the ingest worker that acked: chunks and fin go to it
+
+    def topic(self, device_id: str, leaf: str) -> str:
+        if self.route is None:
+            return p.rec_topic(device_id, "up", self.recording_id, leaf)
+        return p.routed_topic(device_id, self.route, self.recording_id, leaf)
 
 
 @dataclass
@@ -320,7 +326,13 @@ class SyncAgent:
         elif kind == "outbox":
             self._next_poll_s = 0.0  # new work: look at the outbox on this tick
         elif kind == "no_subscribers":
-            log.debug("central is not subscribed (PUBACK 0x10); waiting for it")
+            upload = self.upload
+            if upload is not None and upload.route is not None:
+                log.info("recording %s: worker %s is gone (PUBACK 0x10); asking again",
+                         upload.recording_id, upload.route)
+                self._send_init(upload)  # any worker answers, and names itself
+            else:
+                log.debug("central is not subscribed (PUBACK 0x10); waiting for it")
         elif kind == "publish_failed":
             log.warning("publish refused by the broker: %s", event[2])
 
@@ -328,7 +340,8 @@ class SyncAgent:
         self.link.connected = True
         self.link.connections += 1
         self.link.max_packet, self.link.receive_max = max_packet, receive_max
-        topic_bytes = len(p.rec_topic(self.device_id, "up", "0" * 36, "chunk").encode())
+        # the longest chunk topic: routed to a worker id of the longest kind
+        topic_bytes = len(p.routed_topic(self.device_id, "w" * 64, "0" * 36, "chunk").encode())
         try:
             self.chunk_bytes = p.chunk_size(self.settings.chunk_kib * p.KIB, topic_bytes,
                                             max_packet)
@@ -430,6 +443,7 @@ class SyncAgent:
 
     def _send_init(self, upload: Upload) -> None:
         upload.phase = "init"
+        upload.route = None  # until the answer names a worker
         upload.todo.clear()
         upload.inflight.clear()
         upload.last_progress_s = self.clock.monotonic()
@@ -454,6 +468,8 @@ class SyncAgent:
 
     def _on_partial(self, upload: Upload, ack: p.Ack) -> None:
         upload.have = ack.have
+        if ack.worker is not None:  # the worker holding the upload: chunks go to it
+            upload.route = ack.worker
         if ack.error == "no_init":
             self._send_init(upload)
             return
@@ -496,8 +512,7 @@ class SyncAgent:
             return
         upload.phase = "fin"
         fin = p.Fin(upload.recording_id, upload.size, upload.sha256)
-        self._publish(p.rec_topic(self.device_id, "up", upload.recording_id, "fin"),
-                      fin.encode())
+        self._publish(upload.topic(self.device_id, "fin"), fin.encode())
 
     def _send_chunk(self, upload: Upload, start: int, end: int) -> None:
         fd = os.open(upload.path, os.O_RDONLY | os.O_CLOEXEC)  # (a file object per chunk
@@ -512,7 +527,7 @@ class SyncAgent:
                           self.clock.monotonic())
             return
         upload.inflight[start] = end
-        self._publish(p.rec_topic(self.device_id, "up", upload.recording_id, "chunk"),
+        self._publish(upload.topic(self.device_id, "chunk"),
                       p.encode_chunk(upload.recording_id, start, data))
 
     def _on_stored(self, upload: Upload, ack: p.Ack) -> None:

@@ -32,6 +32,7 @@ from firmware.audit import AuditEntry, AuditError, Checkpoint, canonical_json
 
 VERSION = 1
 TOPIC_ROOT = "er/v1"  # docs/PROTOCOL.md, "Topics and access"
+ROUTED = "to"  # er/v1/<device>/to/<worker>/...: up, to one ingest worker
 
 # --- sizes ----------------------------------------------------------------------------
 KIB = 1024
@@ -52,6 +53,7 @@ PUBLISH_OVERHEAD_BYTES = 1 + 4 + 2 + 2 + 4
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # firmware/config.py DeviceId
+WORKER_ID = DEVICE_ID  # an ingest worker's id: one topic level (sync/central/config.py Name)
 
 # --- chunk header ---------------------------------------------------------------------
 CHUNK_MAGIC = b"ERCK"
@@ -98,6 +100,12 @@ def rec_topic(device_id: str, direction: str, recording_id: str, leaf: str) -> s
     return f"{TOPIC_ROOT}/{device_id}/{direction}/rec/{recording_id}/{leaf}"
 
 
+def routed_topic(device_id: str, worker: str, recording_id: str, leaf: str) -> str:
+    """A chunk or fin sent to the ingest worker that holds the upload (its ack named it):
+    ``er/v1/<device>/to/<worker>/rec/<recording>/<leaf>`` (docs/PROTOCOL.md, "Routing")."""
+    return f"{TOPIC_ROOT}/{device_id}/{ROUTED}/{worker}/rec/{recording_id}/{leaf}"
+
+
 @dataclass(frozen=True)
 class Topic:
     """A parsed ``er/v1/<device>/<up|down>/<rest...>`` topic."""
@@ -108,11 +116,18 @@ class Topic:
 
 
 def parse_topic(topic: str) -> Topic:
+    """A routed topic (``er/v1/<device>/to/<worker>/...``) parses as the ``up`` topic it
+    stands for, its worker left out."""
     parts = topic.split("/")
-    if len(parts) < 4 or "/".join(parts[:2]) != TOPIC_ROOT or parts[3] not in ("up", "down"):
-        raise ProtocolError(f"topic {topic[:120]!r}: not er/v1/<device>/up|down/...")
+    if len(parts) < 4 or "/".join(parts[:2]) != TOPIC_ROOT or parts[3] not in (
+            "up", "down", ROUTED):
+        raise ProtocolError(f"topic {topic[:120]!r}: not er/v1/<device>/up|down|to/...")
     if not DEVICE_ID.fullmatch(parts[2]):
         raise ProtocolError(f"topic {topic[:120]!r}: device id is not valid")
+    if parts[3] == ROUTED:
+        if len(parts) < 5 or not WORKER_ID.fullmatch(parts[4]):
+            raise ProtocolError(f"topic {topic[:120]!r}: worker id is not valid")
+        return Topic(parts[2], "up", tuple(parts[5:]))
     return Topic(parts[2], parts[3], tuple(parts[4:]))
 
 
@@ -402,12 +417,13 @@ class Ack:
     error: str | None = None
     detail: str = ""
     bad_offset: int | None = None  # the chunk a ``bad_chunk`` error is about
+    worker: str | None = None  # the ingest worker holding the upload: route chunks to it
 
     def encode(self) -> bytes:
         body: dict[str, Any] = {"recording_id": self.recording_id, "state": self.state,
                                 "have": [list(r) for r in self.have]}
         optional = {"size": self.size, "sha256": self.sha256, "error": self.error,
-                    "bad_offset": self.bad_offset}
+                    "bad_offset": self.bad_offset, "worker": self.worker}
         body.update({k: v for k, v in optional.items() if v is not None})
         if self.detail:
             body["detail"] = self.detail[:300]
@@ -428,8 +444,11 @@ def decode_ack(payload: bytes) -> Ack:
     bad = raw.get("bad_offset")
     if bad is not None and (not isinstance(bad, int) or isinstance(bad, bool) or bad < 0):
         raise ProtocolError(f"{what}: bad_offset: expected a non-negative integer")
+    worker = raw.get("worker")
+    if worker is not None and not (isinstance(worker, str) and WORKER_ID.fullmatch(worker)):
+        raise ProtocolError(f"{what}: worker: {str(worker)[:40]!r} is not a worker id")
     ack = Ack(_recording_id(raw, what), state, _ranges(raw, what), error=error,
-              detail=str(raw.get("detail", ""))[:300], bad_offset=bad)
+              detail=str(raw.get("detail", ""))[:300], bad_offset=bad, worker=worker)
     if state == STORED:
         ack = Ack(ack.recording_id, state, ack.have, _size(raw, what), _sha256(raw, what),
                   error, ack.detail)

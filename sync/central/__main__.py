@@ -20,6 +20,7 @@ from firmware.keys import KeyFileError, load_or_create_signing_key
 from sync.central.catalogue import CatalogueError, open_catalogue
 from sync.central.ingest import CLIENT_ID, CentralClient, CentralStore
 from sync.central.retention import apply_retention
+from sync.protocol import WORKER_ID
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ def _check_files(args: argparse.Namespace) -> None:
         raise _UsageError(f"--devices: {args.devices}: not a folder")
     if not 1 <= args.port <= 65535:
         raise _UsageError(f"--port: {args.port} is not in 1..65535")
+    if not WORKER_ID.fullmatch(args.worker_id):
+        raise _UsageError(f"--worker-id: {args.worker_id[:70]!r}: expected letters, digits, "
+                          "'_', '.', '-' (at most 64)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,7 @@ handled and its answer built (manual acks), in arrival order.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import queue
@@ -91,6 +92,9 @@ class CentralStore:
         self.key = signing_key
         self.key_id = key_id(signing_key.public_key())
         self.worker_id = worker_id
+        # the worker id that acks name (a CentralClient sets it: it subscribes the routed
+        # topics); None: no routing, devices send everything on the shared topics
+        self.route: str | None = None
         self.objects = ObjectStore(directory, worker_id)
         self.catalogue: Catalogue = catalogue or open_catalogue(str(directory / "catalogue.db"))
         self.clock = clock
@@ -168,7 +172,7 @@ class CentralStore:
                 elif last[device, rid] != (b, index):
                     staged.answers[index] = []
                 else:
-                    ack = p.Ack(rid, p.PARTIAL, self._have(device, rid))
+                    ack = p.Ack(rid, p.PARTIAL, self._have(device, rid), worker=self.route)
                     staged.answers[index] = [(p.rec_topic(device, "down", rid, "ack"),
                                               ack.encode())]
             answers += staged.answers
@@ -197,6 +201,8 @@ class CentralStore:
             if handler is None:
                 raise p.ProtocolError(f"rec/{rest[2][:20]}: unknown message")
             ack = handler(device, rest[1], payload)
+            if self.route is not None and ack.state == p.PARTIAL and ack.error is None:
+                ack = dataclasses.replace(ack, worker=self.route)
             return [(p.rec_topic(device, "down", ack.recording_id, "ack"), ack.encode())]
         if rest == ("audit", "batch"):
             batch = p.decode_audit_batch(payload)
@@ -405,7 +411,11 @@ class CentralClient:
 
     def __init__(self, store: CentralStore, host: str, port: int, ca: Path, cert: Path,
                  key: Path, *, client_id: str = CLIENT_ID, share_group: str | None = None) -> None:
+        if not p.WORKER_ID.fullmatch(store.worker_id):
+            raise ValueError(f"worker id {store.worker_id[:70]!r}: expected letters, digits, "
+                             "'_', '.', '-' (at most 64), one MQTT topic level")
         self.store = store
+        store.route = store.worker_id  # its acks name it: the device routes chunks here
         self.host, self.port = host, port
         self.share_group = share_group
         self.connected = threading.Event()
@@ -437,6 +447,12 @@ class CentralClient:
     def filter(self) -> str:
         topic = f"{p.TOPIC_ROOT}/+/up/#"
         return f"$share/{self.share_group}/{topic}" if self.share_group else topic
+
+    @property
+    def routed_filter(self) -> str:
+        """This worker's own topics: the chunks and fins of the uploads it acked (every
+        worker subscribes its own, unshared; docs/PROTOCOL.md, "Routing")."""
+        return f"{p.TOPIC_ROOT}/+/{p.ROUTED}/{self.store.worker_id}/#"
 
     def start(self) -> None:
         # A single worker keeps a persistent session, so its queue waits while it is away.
@@ -508,7 +524,7 @@ class CentralClient:
         # Subscribed again on every connection: a broker that lost its state (killed
         # between autosaves) has forgotten the session.
         self._connection += 1
-        client.subscribe(self.filter, qos=1)
+        client.subscribe([(self.filter, 1), (self.routed_filter, 1)])
         client.publish(self.state_topic, _state("online", self.store.worker_id), 1, True)
         log.info("ingest %s connected (session present: %s)", self.store.worker_id,
                  flags.session_present)

@@ -92,7 +92,8 @@ def test_unknown_placeholder_is_named() -> None:
 
 def test_acl_grants_devices_only_their_own_topics() -> None:
     acl = options(ACL_PATH.read_text())
-    assert acl["pattern"] == ["write er/v1/%u/up/#", "read er/v1/%u/down/#"]
+    assert acl["pattern"] == ["write er/v1/%u/up/#", "write er/v1/%u/to/#",
+                              "read er/v1/%u/down/#"]
     assert acl["user"] == ["central", "ops"]
     assert "readwrite" not in " ".join(acl["topic"])
 

@@ -109,6 +109,9 @@ def test_claimed_username_and_client_id_are_ignored(mqtt_clients: Clients) -> No
 # --- access control --------------------------------------------------------------------------
 PUBLISH_RIGHTS = [
     ("dev-a", "er/v1/dev-a/up/upload/init", True),
+    ("dev-a", "er/v1/dev-a/to/ingest-1/rec/r/chunk", True),  # routed to one worker
+    ("dev-a", "er/v1/dev-b/to/ingest-1/rec/r/chunk", False),
+    ("central", "er/v1/dev-a/to/ingest-1/rec/r/chunk", False),
     ("dev-a", "er/v1/dev-b/up/status", False),
     ("dev-a", "er/v1/dev-a/down/cmd/reboot", False),
     ("dev-a", "er/v1/dev-a", False),
@@ -134,9 +137,14 @@ def test_device_cannot_publish_into_another_devices_topics(mqtt_clients: Clients
     central.subscribe("er/v1/+/up/#")
     dev_b = mqtt_clients.connect("dev-b")
 
+    central.subscribe("er/v1/+/to/#")
     dev_b.publish("er/v1/dev-a/up/upload/init", b"forged")
+    dev_b.publish("er/v1/dev-a/to/central/rec/r/chunk", b"forged-routed")
+    dev_b.publish("er/v1/dev-b/to/central/rec/r/chunk", b"own-routed")
     dev_b.publish("er/v1/dev-b/up/status", b"control")
-    assert central.receive_until(b"control") == [("er/v1/dev-b/up/status", b"control")]
+    assert central.receive_until(b"control") == [
+        ("er/v1/dev-b/to/central/rec/r/chunk", b"own-routed"),
+        ("er/v1/dev-b/up/status", b"control")]
 
 
 def test_device_cannot_read_another_devices_down_topics(mqtt_clients: Clients) -> None:

@@ -105,11 +105,22 @@ def test_ack_round_trip_and_checks() -> None:
     with pytest.raises(p.ProtocolError, match="not a known code"):
         p.decode_ack(json.dumps({"v": 1, "recording_id": RID, "state": "partial",
                                  "have": [], "error": "oops"}).encode())
+    routed = p.Ack(RID, p.PARTIAL, [(0, 4)], worker="ingest-2")
+    assert p.decode_ack(routed.encode()) == routed
+    for worker in ("a/b", "+", "", 7, "x" * 65):
+        with pytest.raises(p.ProtocolError, match="worker"):
+            p.decode_ack(json.dumps({"v": 1, "recording_id": RID, "state": "partial",
+                                     "have": [], "worker": worker}).encode())
 
 
 def test_topics() -> None:
     topic = p.parse_topic(p.rec_topic("dev-a", "up", RID, "chunk"))
     assert topic == p.Topic("dev-a", "up", ("rec", RID, "chunk"))
-    for bad in ("er/v2/dev-a/up/x", "er/v1/../up/x", "er/v1/dev-a/sideways/x", "er/v1"):
+    # a chunk routed to one worker stands for the same up topic
+    routed = p.routed_topic("dev-a", "ingest-2", RID, "chunk")
+    assert routed == f"er/v1/dev-a/to/ingest-2/rec/{RID}/chunk"
+    assert p.parse_topic(routed) == topic
+    for bad in ("er/v2/dev-a/up/x", "er/v1/../up/x", "er/v1/dev-a/sideways/x", "er/v1",
+                "er/v1/dev-a/to", "er/v1/dev-a/to/+/rec/x/chunk"):
         with pytest.raises(p.ProtocolError):
             p.parse_topic(bad)

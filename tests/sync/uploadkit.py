@@ -191,8 +191,8 @@ def shared_broker(pki: Pki, directory: Path, workers: Sequence[str]) -> Broker:
     ingest worker (docs/CENTRAL.md, "Deployment"), for workers sharing a subscription."""
     directory.mkdir(parents=True, exist_ok=True)
     acl = directory / "acl"
-    blocks = "".join(f"user {w}\ntopic read er/v1/+/up/#\ntopic write er/v1/+/down/#\n\n"
-                     for w in workers)
+    blocks = "".join(f"user {w}\ntopic read er/v1/+/up/#\ntopic read er/v1/+/to/{w}/#\n"
+                     f"topic write er/v1/+/down/#\n\n" for w in workers)
     acl.write_text(blocks + (REPO / "sync" / "mosquitto" / "acl").read_text())
     config = dataclasses.replace(local_config(pki, directory / "broker", free_port()),
                                  acl_file=acl)

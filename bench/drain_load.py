@@ -1,8 +1,8 @@
 """Load generator of the ingest drain (bench/central_bench.py): simulated devices on MQTT.
 
 One process, one paho MQTT 5 client per simulated device, each with that device's
-certificate (the ACL lets a device publish only under its own ``er/v1/<id>/up/`` and read
-its own ``down/``). The recordings are rows and files of a real device catalogue
+certificate (the ACL lets a device publish only under its own ``er/v1/<id>/up/`` and
+``to/``, and read its own ``down/``). The recordings are rows and files of a real device catalogue
 (``tests/sync/uploadkit.Device``); the init carries the manifest the sync agent builds
 from them (``sync.agent._manifest``), signed with the device key, and the messages are
 the protocol's own encodings (``sync.protocol``).

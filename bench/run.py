@@ -202,7 +202,7 @@ def bench_dsp(work: Path) -> dict[str, float]:
     """Analysis speed on an hour of mixed line audio, against multimon-ng -a DTMF.
 
     Three figures for us: the analysis alone (CPU of the detectors, as `analyze` feeds
-    them: 10 s batches), the whole `edge-recorder analyze --json` command (CPU of the
+    them: 60 s batches), the whole `edge-recorder analyze --json` command (CPU of the
     process, with Python start-up and the WAV reading), and the live detectors fed 20 ms
     frames. multimon-ng gets the same audio resampled to the 22050 Hz it needs.
     """

@@ -77,7 +77,7 @@ class _Spectra:
     """Frame energy and spectral peak share (vectorised over frames).
 
     The windowed frames and the power spectra live in work buffers kept from call to call
-    (fresh megabytes for every 10 s batch cost more in page faults than the FFT itself);
+    (fresh megabytes for every file batch cost more in page faults than the FFT itself);
     the windows go through ``SPECTRUM_ROWS`` at a time, so a batch of any length needs no
     more memory than that.
     """

@@ -145,6 +145,10 @@ class SyncAgent:
         self._audit_next_s = 0.0
         self.chunk_bytes = p.DEFAULT_CHUNK_BYTES
         self.window = self.settings.window
+        # workers whose routed topics answered nothing (an ACL that does not let them read
+        # their to/ topics: mosquitto grants the filter and drops at delivery); uploads go
+        # on the shared topics instead until the next connection
+        self._unroutable: set[str] = set()
 
     # --- life cycle ------------------------------------------------------------------
     def run(self) -> int:
@@ -339,6 +343,7 @@ class SyncAgent:
     def _connected(self, max_packet: int | None, receive_max: int | None) -> None:
         self.link.connected = True
         self.link.connections += 1
+        self._unroutable.clear()
         self.link.max_packet, self.link.receive_max = max_packet, receive_max
         # the longest chunk topic: routed to a worker id of the longest kind
         topic_bytes = len(p.routed_topic(self.device_id, "w" * 64, "0" * 36, "chunk").encode())
@@ -405,6 +410,11 @@ class SyncAgent:
         upload.timeouts += 1
         log.info("recording %s: no answer from central for %.1f s; sending init again",
                  upload.recording_id, limit_s)
+        if upload.route is not None:
+            self._unroutable.add(upload.route)
+            log.warning("recording %s: nothing came back through worker %s; uploads use "
+                        "the shared topics until the next connection", upload.recording_id,
+                        upload.route)
         self._send_init(upload)
 
     def _pending(self) -> list[dict[str, Any]]:
@@ -468,8 +478,8 @@ class SyncAgent:
 
     def _on_partial(self, upload: Upload, ack: p.Ack) -> None:
         upload.have = ack.have
-        if ack.worker is not None:  # the worker holding the upload: chunks go to it
-            upload.route = ack.worker
+        if ack.worker is not None and ack.worker not in self._unroutable:
+            upload.route = ack.worker  # the worker holding the upload: chunks go to it
         if ack.error == "no_init":
             self._send_init(upload)
             return

@@ -415,7 +415,9 @@ class CentralClient:
             raise ValueError(f"worker id {store.worker_id[:70]!r}: expected letters, digits, "
                              "'_', '.', '-' (at most 64), one MQTT topic level")
         self.store = store
-        store.route = store.worker_id  # its acks name it: the device routes chunks here
+        # its acks name it: the device routes the upload's chunks here (a device that
+        # hears nothing back that way falls back to the shared topics, sync/agent.py)
+        store.route = store.worker_id
         self.host, self.port = host, port
         self.share_group = share_group
         self.connected = threading.Event()

@@ -325,3 +325,27 @@ def test_chunks_of_one_commit_share_one_cumulative_ack(tmp_path: Path) -> None:
         assert [p.decode_ack(payload).have for _, payload in again[0]] == [[(0, 3072)]]
     finally:
         store.close()
+
+
+def test_a_worker_whose_routed_topics_are_not_granted_still_stores(
+        tmp_path: Path, worker_pki: Pki, catalogue_url: str) -> None:
+    """An ACL block without the worker's to/ line (docs/CENTRAL.md, Deployment): uploads
+    routed to it would never arrive; they must still be stored, on the shared topics."""
+    broker = start_shared_broker(worker_pki, tmp_path / "broker", WORKERS, routed=False)
+    devices = tmp_path / "devices"
+    devices.mkdir()
+    workers = Workers(tmp_path / "central", worker_pki, broker, catalogue_url, devices)
+    try:
+        workers.start(WORKERS[0])
+        device = _device(tmp_path, worker_pki, broker, workers)
+        try:
+            rid, digest = device.add_recording(1 * MB)
+            device.start_agent()
+            wait_until(lambda: device.outbox_state(rid) == "stored", 60.0, "stored")
+            assert sha256_file(workers.running[WORKERS[0]].store.stored_file(DEVICE, rid)) \
+                == digest
+        finally:
+            device.close()
+    finally:
+        workers.close()
+        broker.stop()

@@ -186,12 +186,15 @@ class Central:
         return self.store.stored_file(DEVICE, rid)
 
 
-def shared_broker(pki: Pki, directory: Path, workers: Sequence[str]) -> Broker:
+def shared_broker(pki: Pki, directory: Path, workers: Sequence[str], *,
+                  routed: bool = True) -> Broker:
     """A started loopback broker whose ACL is the repository's plus one ``user`` block per
-    ingest worker (docs/CENTRAL.md, "Deployment"), for workers sharing a subscription."""
+    ingest worker (docs/CENTRAL.md, "Deployment"), for workers sharing a subscription;
+    ``routed=False`` leaves out each worker's own ``to/`` topics (a forgotten line)."""
     directory.mkdir(parents=True, exist_ok=True)
     acl = directory / "acl"
-    blocks = "".join(f"user {w}\ntopic read er/v1/+/up/#\ntopic read er/v1/+/to/{w}/#\n"
+    to = "topic read er/v1/+/to/{}/#\n" if routed else ""
+    blocks = "".join(f"user {w}\ntopic read er/v1/+/up/#\n{to.format(w)}"
                      f"topic write er/v1/+/down/#\n\n" for w in workers)
     acl.write_text(blocks + (REPO / "sync" / "mosquitto" / "acl").read_text())
     config = dataclasses.replace(local_config(pki, directory / "broker", free_port()),

@@ -3,7 +3,9 @@
 :class:`CentralStore` turns one device message into its answers; :class:`CentralClient`
 is the MQTT worker. Several workers share the load through a shared subscription
 (``$share/<group>/er/v1/+/up/#``): each has its own certificate and worker id, and they
-share the object folder and the catalogue. Nothing a worker decides lives only in its
+share the object folder and the catalogue. An upload sticks to the worker that answered
+its init: the acks name it and the device sends the rest to that worker's own
+``er/v1/+/to/<worker>/#`` (docs/PROTOCOL.md, "Routing"). Nothing a worker decides lives only in its
 memory: the ranges held are in the part files, "stored" is the catalogue row, so a
 worker that dies mid-file loses nothing and any worker completes the upload when the
 device resumes.

@@ -3,6 +3,7 @@ minimal central store, and what the catalogue says at each step."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from collections.abc import Iterator
@@ -323,3 +324,26 @@ def test_a_file_damaged_on_the_device_is_not_sent_again_and_again(device: Device
     assert device.outbox_state(rid) == "pending"
     assert device.recording(rid)["synced_at"] is None
     assert central.store.stats.chunk_bytes <= 2 * MB  # sent once, not in a loop
+
+
+def test_chunks_routed_to_a_worker_that_is_gone_go_back_to_init(
+        device: Device, central: Central, mqtt_clients: Clients,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A worker answers the init, names itself, and is gone before the chunks: the
+    broker answers the routed chunks "no matching subscribers" (PUBACK 0x10) and the
+    device sends init again at once; the next worker stores the recording."""
+    caplog.set_level(logging.INFO, logger="sync.agent")
+    ghost = mqtt_clients.connect("central")  # the worker that answers once and leaves
+    ghost.subscribe("er/v1/+/up/rec/+/init")
+    rid, digest = device.add_recording(2 * MB)
+    device.start_agent()
+    message = ghost.messages.get(timeout=20)
+    assert message.topic == p.rec_topic(DEVICE, "up", rid, "init")
+    ack = p.Ack(rid, p.PARTIAL, [], worker="ingest-gone")
+    assert ghost.publish(p.rec_topic(DEVICE, "down", rid, "ack"), ack.encode()) == 0
+    ghost.close()
+    wait_until(lambda: "worker ingest-gone is gone (PUBACK 0x10)" in caplog.text,
+               what="the routed chunk refused")
+    central.start()
+    wait_stored(device, rid, 60.0)
+    assert_synced(device, central, rid, digest)

@@ -47,6 +47,23 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     log.debug("wrote %s (%d bytes, mode %04o)", path, len(data), mode)
 
 
+def atomic_symlink(link: Path, target: Path) -> None:
+    """Make ``link`` a symlink to ``target``, replacing whatever is there in one rename
+    (a file or an older link); nothing to do when it already points there."""
+    if link.is_symlink() and Path(os.readlink(link)) == target:
+        return
+    part = link.with_name(link.name + PART_SUFFIX)
+    part.unlink(missing_ok=True)
+    try:
+        os.symlink(target, part)
+        os.replace(part, link)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    fsync_dir(link.parent)
+    log.debug("linked %s -> %s", link, target)
+
+
 def _write_synced(part: Path, data: bytes, mode: int) -> None:
     """A new file (O_EXCL, never wider than ``mode``, then exactly ``mode``), fsynced."""
     fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)

@@ -24,7 +24,7 @@ from typing import Any
 
 from firmware import __version__
 from firmware.config import Config, ConfigError, load_config, parse_config
-from firmware.fsutil import atomic_write, make_dirs
+from firmware.fsutil import atomic_symlink, atomic_write, make_dirs
 from provisioning import codec as c
 from provisioning.auth import AuthError, PakeSession, check_frame_mac, frame_mac
 from provisioning.pki import (
@@ -75,6 +75,12 @@ class AgentPaths:
     @property
     def provision_dir(self) -> Path:
         return self.data_dir / "provision"
+
+    @property
+    def managed_config(self) -> Path:
+        """The configuration file itself: in the state directory, where the sync agent may
+        replace it with a signed update; ``config_path`` (in /etc) links to it."""
+        return self.data_dir / "config.toml"
 
     @property
     def tls_key(self) -> Path:
@@ -369,8 +375,13 @@ class Agent:
             config = parse_config(text, str(self.paths.config_path))
         except ConfigError as exc:
             raise RequestError(c.ErrorCode.FAILED, str(exc)) from None
-        make_dirs(self.paths.config_path.parent, 0o755)
-        atomic_write(self.paths.config_path, text.encode(), CONFIG_MODE)
+        managed = self.paths.managed_config.absolute()
+        make_dirs(managed.parent, 0o700)
+        atomic_write(managed, text.encode(), CONFIG_MODE)
+        link = self.paths.config_path.absolute()
+        if link != managed:  # /etc/edge-recorder/config.toml -> the managed copy
+            make_dirs(link.parent, 0o755)
+            atomic_symlink(link, managed)
         return config
 
     def _install_facts(self) -> InstallFacts | None:

@@ -61,8 +61,9 @@ def factory_reset(config: Config, config_path: Path, *, force_destroy_unsynced: 
         if path.exists():
             shutil.rmtree(path)
             removed.append(path)
-    if config_path.exists():
-        config_path.unlink()
-        removed.append(config_path)
+    for path in dict.fromkeys((config_path.resolve(), config_path)):  # the managed copy
+        if path.exists() or path.is_symlink():  # and the /etc link to it (dangling by now)
+            path.unlink()
+            removed.append(path)
     log.warning("factory reset: removed %s", ", ".join(map(str, removed)) or "nothing")
     return ResetReport(removed=removed, unsynced_destroyed=unsynced)

@@ -40,6 +40,11 @@ def test_full_flow_locks_a_blank_box(bench: Bench) -> None:
     assert config.device_id == "er-test-0001" and config.sync is not None
     assert config.sync.host == "127.0.0.1"
     assert (bench.paths.tls_key.stat().st_mode & 0o777) == 0o600
+    # /etc's config is a link to the managed copy in the state directory, the one file
+    # the sync agent may replace with a signed update (its unit cannot write /etc)
+    assert bench.paths.config_path.is_symlink()
+    assert bench.paths.config_path.resolve() == bench.paths.managed_config.resolve()
+    assert (bench.paths.managed_config.stat().st_mode & 0o777) == 0o640
 
 
 def test_private_keys_never_in_any_frame(bench: Bench) -> None:

@@ -67,3 +67,15 @@ def test_reset_wipes_keys_recordings_and_config_once_synced(tmp_path: Path) -> N
     done = reset(config)
     assert done.returncode == 0, done.stderr
     assert not config.exists() and not (tmp_path / "data").exists()
+
+
+def test_reset_removes_the_managed_config_and_the_link_to_it(tmp_path: Path) -> None:
+    """As provisioning leaves it: /etc's config.toml links to the state directory's copy."""
+    managed = make_box(tmp_path, synced=True)
+    link = tmp_path / "etc" / "config.toml"
+    link.parent.mkdir()
+    link.symlink_to(managed)
+    done = reset(link)
+    assert done.returncode == 0, done.stderr
+    assert not link.is_symlink() and not managed.exists()
+    assert not (tmp_path / "data").exists()

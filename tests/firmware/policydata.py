@@ -7,9 +7,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from firmware.policyfile import public_key_text
-
-REPO = Path(__file__).resolve().parents[2]
-RECIPIENT = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
+from tests.configtext import device_config
 
 MINI = """\
 [meta]
@@ -56,22 +54,7 @@ def with_version(text: str, version: int) -> bytes:
 
 def config_text(data_dir: Path, policy: str = "") -> str:
     """A valid appliance config with its state in ``data_dir`` and a ``[policy]`` table."""
-    return f"""
-device_id = "er-1"
-site = "Test site"
-jurisdiction = "DE"
-[storage]
-data_dir = "{data_dir}"
-[keys]
-recipients = ["{RECIPIENT}"]
-[[lines]]
-id = "line1"
-backend = "sim"
-[lines.options]
-scenario = "{REPO / 'examples' / 'dealer-day.toml'}"
-[policy]
-{policy}
-"""
+    return device_config(data_dir=data_dir, tail=f"[policy]\n{policy}\n")
 
 
 def signer_line(*keys: Ed25519PrivateKey) -> str:

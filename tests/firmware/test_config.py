@@ -9,23 +9,11 @@ from pathlib import Path
 import pytest
 
 from firmware.config import ConfigError, load_config, parse_config
+from tests.configtext import RECIPIENT, device_config
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "config.toml"
-RECIPIENT = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
-
-GOOD = f"""
-device_id = "er-1"
-site = "Test site"
-jurisdiction = "DE"
-[keys]
-recipients = ["{RECIPIENT}"]
-[[lines]]
-id = "line1"
-backend = "sim"
-[lines.options]
-scenario = "{REPO / 'examples' / 'dealer-day.toml'}"
-"""
+GOOD = device_config()
 
 
 def test_example_config_is_valid() -> None:

@@ -23,7 +23,8 @@ from firmware.policystore import (
     signature_path,
 )
 from firmware.report import policy_markdown
-from tests.firmware.policydata import MINI, REPO, config_text, signer_line, with_version
+from tests.configtext import REPO
+from tests.firmware.policydata import MINI, config_text, signer_line, with_version
 
 BUILTIN_VERSION = parse_policy(BUILTIN_PATH.read_bytes()).version
 

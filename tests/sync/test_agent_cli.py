@@ -9,20 +9,10 @@ from pathlib import Path
 import pytest
 
 from firmware.config import ConfigError, parse_config
-from tests.sync.uploadkit import RECIPIENT, REPO
+from tests.configtext import device_config
+from tests.sync.uploadkit import REPO
 
-BASE = f"""
-device_id = "dev-a"
-site = "s"
-jurisdiction = "DE"
-[keys]
-recipients = ["{RECIPIENT}"]
-[[lines]]
-id = "line1"
-backend = "sim"
-[lines.options]
-scenario = "{REPO / 'examples' / 'dealer-day.toml'}"
-"""
+BASE = device_config(device_id="dev-a", site="s")
 SYNC = '[sync]\nhost = "localhost"\nca_file = "ca.crt"\ncert_file = "d.crt"\nkey_file = "d.key"\n'
 
 

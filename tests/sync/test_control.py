@@ -32,11 +32,10 @@ from sync.broker import Broker
 from sync.control import CONFIG_JOB, ControlPlane, RunResult, replace_recipients
 from sync.envelope import CLOCK_SKEW_S, MAX_ENVELOPE_BYTES, Payload, make_body, sign
 from sync.pki import Pki
+from tests.configtext import RECIPIENT, REPO
 from tests.firmware.policydata import MINI
 from tests.sync.conftest import WAIT_S, Clients
 
-REPO = Path(__file__).resolve().parents[2]
-RECIPIENT = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
 DEVICE = "dev-a"
 OPS = Ed25519PrivateKey.generate()
 STRANGER = Ed25519PrivateKey.generate()

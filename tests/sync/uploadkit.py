@@ -23,9 +23,8 @@ from sync.agent import SyncAgent
 from sync.broker import Broker, free_port, local_config
 from sync.central import CentralClient, CentralStore
 from sync.pki import Pki
+from tests.configtext import REPO, device_config
 
-REPO = Path(__file__).resolve().parents[2]
-RECIPIENT = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
 DEVICE = "dev-a"
 WAIT_S = 20.0
 
@@ -45,20 +44,7 @@ def write_config(directory: Path, pki: Pki, broker: Broker, *, chunk_kib: int = 
     credential = pki.clients[device_id]
     central_key = "" if central_public_key is None else \
         f'central_public_key = "{central_public_key}"\n'
-    text = f"""
-device_id = "{device_id}"
-site = "Test site"
-jurisdiction = "DE"
-[storage]
-data_dir = "data"
-[keys]
-recipients = ["{RECIPIENT}"]
-[[lines]]
-id = "line1"
-backend = "sim"
-[lines.options]
-scenario = "{REPO / 'examples' / 'dealer-day.toml'}"
-[sync]
+    text = device_config(device_id=device_id, data_dir="data", tail=f"""[sync]
 host = "{broker.host}"
 port = {broker.port}
 ca_file = "{pki.ca_cert}"
@@ -69,7 +55,7 @@ chunk_kib = {chunk_kib}
 reconnect_min_s = 0.2
 reconnect_max_s = 1.0
 ack_timeout_s = {ack_timeout_s}
-{central_key}"""
+{central_key}""")
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "config.toml"
     path.write_text(text, encoding="utf-8")

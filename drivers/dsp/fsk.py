@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from drivers.dsp.events import SAMPLE_RATE
+from drivers.dsp.runs import true_runs
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ class FskDemodulator:
         # blocks [a, b), cut by the input's edges, filler only
         parts = [(0, self._gate_carry, not carry_held, carry_held)] if self._gate_carry else []
         self._gate_carry = 0
-        for a, b in _runs(like, GATE_RUN):  # long enough, or cut by the input's edges
+        for a, b in true_runs(like, GATE_RUN):  # long enough, or cut by the input's edges
             cut = a == 0 or b == n_blocks
             if b == n_blocks:  # may go on in the next input
                 self._gate_carry = 2
@@ -303,17 +304,6 @@ class FskDemodulator:
 def _peak(x: np.ndarray) -> float:
     """max |x| (without a temporary array)."""
     return max(float(x.max()), -float(x.min())) if len(x) else 0.0
-
-
-def _runs(flags: np.ndarray, min_len: int = 1) -> list[tuple[int, int]]:
-    """[start, end) index ranges of the runs of True in ``flags`` that are at least
-    ``min_len`` long or touch either end of ``flags``."""
-    padded = np.zeros(len(flags) + 2, dtype=bool)
-    padded[1:-1] = flags
-    edges = np.flatnonzero(padded[1:] != padded[:-1])
-    starts, ends = edges[0::2], edges[1::2]
-    keep = (ends - starts >= min_len) | (starts == 0) | (ends == len(flags))
-    return list(zip(starts[keep].tolist(), ends[keep].tolist(), strict=True))
 
 
 def _merge_flagged(spans: list[tuple[int, int, bool, bool]],

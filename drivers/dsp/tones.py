@@ -63,6 +63,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from drivers.dsp.events import SAMPLE_RATE, DetectorEvent, Tone
+from drivers.dsp.runs import true_runs
 from drivers.toneplan import TonePlan, TonePlanError, ToneSpec, tone_plan
 
 log = logging.getLogger(__name__)
@@ -306,7 +307,8 @@ class _BurstTracker:
         cum = np.concatenate([[0], np.cumsum(loud)])
         closed: list[_Burst] = []
         prev = -1 - self._off_blocks  # index of the last on-block (may be negative)
-        for a, b in _runs(on):
+        for a, end in true_runs(on):
+            b = end - 1  # the run's last block
             gap = a - prev - 1
             if self.open_start is not None and gap <= BRIDGE_BLOCKS:
                 self._extend(start, a, b, ac)
@@ -370,14 +372,6 @@ class _BurstTracker:
         burst = _Burst(begin, self.open_end, self._level, self._carry_loud + self._open_loud)
         self._carry_loud = 0
         return [burst]
-
-
-def _runs(on: np.ndarray) -> list[tuple[int, int]]:
-    """(first, last) indices of the runs of True in ``on``."""
-    if not on.any():
-        return []
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], on.view(np.int8), [0]])))
-    return list(zip(edges[0::2].tolist(), (edges[1::2] - 1).tolist(), strict=True))
 
 
 # --- cadence matching ----------------------------------------------------------------

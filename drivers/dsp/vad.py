@@ -34,6 +34,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from drivers.dsp.events import SAMPLE_RATE, DetectorEvent, Voice
+from drivers.dsp.runs import true_runs
 from drivers.dsp.tones import CallProgressConfigError
 
 log = logging.getLogger(__name__)
@@ -321,7 +322,8 @@ class VoiceDetector:
     def _segments(self, first_sample: int, active: np.ndarray) -> list[DetectorEvent]:
         events: list[DetectorEvent] = []
         prev = -1 - self._off_frames
-        for a, b in _runs(active):
+        for a, end in true_runs(active):
+            b = end - 1  # the run's last frame
             if self._seg_start is None or a - prev - 1 > HANGOVER_FRAMES:
                 events += self._close()
                 self._seg_start = first_sample + a * FRAME_LEN
@@ -343,9 +345,3 @@ class VoiceDetector:
         return [Voice(start, self._seg_end)]
 
 
-def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
-    """(first, last) indices of the runs of True in ``flags``."""
-    if not flags.any():
-        return []
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], flags.view(np.int8), [0]])))
-    return list(zip(edges[0::2].tolist(), (edges[1::2] - 1).tolist(), strict=True))

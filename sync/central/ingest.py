@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
 from cryptography.exceptions import InvalidSignature
@@ -49,6 +49,7 @@ from sync.central.catalogue import Catalogue, StatusRow, StoredRecording, open_c
 from sync.central.objects import ObjectStore
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 CLIENT_ID = "central"  # the certificate CN the ACL grants er/v1/+/up/# (sync/mosquitto/acl)
 BATCH_MAX = 32  # messages handled together: their chunks share one fdatasync
@@ -547,16 +548,7 @@ class CentralClient:
         """Handle what has arrived, up to BATCH_MAX messages at a time (one fdatasync for
         their chunks); broker acknowledgements follow the answers, in arrival order."""
         while (first := self._inbox.get()) is not None:
-            batch, stop = [first], False
-            while len(batch) < BATCH_MAX:
-                try:
-                    more = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                batch.append(more)
+            batch, stop = _take_waiting(self._inbox, first, BATCH_MAX)
             try:
                 self._handle(batch)
             except Exception:
@@ -583,17 +575,7 @@ class CentralClient:
         """Sync what the handler wrote (everything queued with one fdatasync), then send
         those answers and the broker's acknowledgements."""
         while (first := self._commits.get()) is not None:
-            items = [first]
-            stop = False
-            while True:
-                try:
-                    more = self._commits.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                items.append(more)
+            items, stop = _take_waiting(self._commits, first)
             try:
                 answers = self.store.complete([staged for _, staged in items])
                 self._answer([r for received, _ in items for r in received], answers)
@@ -627,6 +609,22 @@ class _Received:
 
 
 # --- helpers ------------------------------------------------------------------------
+def _take_waiting(waiting: queue.Queue[_T | None], first: _T,
+                  limit: int | None = None) -> tuple[list[_T], bool]:
+    """``first`` and what else waits in the queue already (at most ``limit`` in all), and
+    whether the stop marker (None) was taken from it."""
+    items = [first]
+    while limit is None or len(items) < limit:
+        try:
+            more = waiting.get_nowait()
+        except queue.Empty:
+            break
+        if more is None:
+            return items, True
+        items.append(more)
+    return items, False
+
+
 def _set_nodelay(_client: mqtt.Client, _u: Any, sock: Any) -> None:
     """Acks are small: with Nagle's algorithm each waits for the broker's delayed ACK
     (up to 40 ms on Linux, tcp(7)) while the device's window stands still."""

@@ -1,8 +1,7 @@
 """edge-recorder firmware: config, call engine, recorder, encrypted store, catalogue, audit."""
 
-import os
+# drivers/__init__.py pins numpy's OpenBLAS to one thread; it must run before numpy is
+# first imported, which a firmware module may do before any drivers module.
+import drivers  # noqa: F401
 
 __version__ = "0.1.0"
-
-# Single-threaded OpenBLAS before numpy is imported (see drivers/__init__.py).
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
